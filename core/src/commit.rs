@@ -1,0 +1,409 @@
+//! Three-phase commit: the coordinator (the transaction's origin) and the
+//! participants (every other member of the transaction's generation).
+//!
+//! prepare everywhere → every member votes yes → the coordinator precommits
+//! durably (ballot zero) → a majority of durable precommit acks decides
+//! commit. Any no vote, vote timeout or generation change before the
+//! precommit aborts. After the precommit only a decision (from the
+//! coordinator or a resolver) ends the transaction.
+
+use crate::durable::{DurableOp, TxRecord};
+use crate::ids::{Ballot, ClientId, Gid, NodeId, NodeSet};
+use crate::messages::{Message, NodeStatus};
+use crate::node::{CoordPhase, CoordTx, InDoubt, Node};
+use crate::{AbortReason, DbCmd, Event, Outcome, Output};
+
+impl Node {
+    pub(crate) fn on_commit_request(&mut self, client: ClientId) {
+        if self.status != NodeStatus::Online {
+            self.db(DbCmd::RollbackLocal { client });
+            let outcome = Outcome::Refused(self.status);
+            self.out.push_back(Output::Reply { client, outcome });
+            return;
+        }
+        self.seq += 1;
+        let g = self.durable.gen;
+        let gid = Gid {
+            origin: self.cfg.id,
+            boot: self.durable.boot,
+            seq: self.seq,
+            gen: g.num,
+        };
+        self.coord.insert(
+            gid,
+            CoordTx {
+                client,
+                members: g.members,
+                phase: CoordPhase::PreparingLocally,
+                yes: NodeSet::EMPTY,
+                acks: NodeSet::EMPTY,
+                deadline: self.now + self.cfg.vote_timeout,
+            },
+        );
+        self.db(DbCmd::PrepareLocal { client, gid });
+    }
+
+    pub(crate) fn on_local_prepared(&mut self, client: ClientId, gid: Gid, ok: bool) {
+        let Some(c) = self.coord.get_mut(&gid) else {
+            // Aborted while preparing (e.g. a generation change): undo, and
+            // tell the peers that may have received it on the data plane.
+            if ok {
+                let mut rec = self.record(gid);
+                if rec.decided.is_none() {
+                    rec.decided = Some(false);
+                    self.persist(DurableOp::Tx(gid, rec));
+                }
+                self.db(DbCmd::RollbackPrepared { gid });
+                let others = self.cfg.all_nodes().minus(NodeSet::single(self.cfg.id));
+                self.send_all(others, Message::Decision { gid, commit: false });
+            }
+            return;
+        };
+        if !ok {
+            self.coord.remove(&gid);
+            self.event(Event::CoordinatorAborted {
+                gid,
+                reason: AbortReason::LocalPrepareFailed,
+            });
+            let outcome = Outcome::Aborted(AbortReason::LocalPrepareFailed);
+            self.out.push_back(Output::Reply { client, outcome });
+            return;
+        }
+        c.phase = CoordPhase::CollectingVotes;
+        c.yes.insert(self.cfg.id);
+        self.in_doubt.insert(gid, InDoubt { since: self.now });
+        self.maybe_precommit(gid);
+    }
+
+    pub(crate) fn on_vote(&mut self, from: NodeId, gid: Gid, yes: bool) {
+        let majority_mutant = self.is_mutant(crate::Mutant::CommitOnMajorityPrepares);
+        let Some(c) = self.coord.get_mut(&gid) else {
+            return;
+        };
+        if !c.members.contains(from) {
+            return;
+        }
+        if !yes {
+            if !majority_mutant
+                && matches!(
+                    c.phase,
+                    CoordPhase::PreparingLocally | CoordPhase::CollectingVotes
+                )
+            {
+                self.coordinator_abort(gid, AbortReason::VoteNo);
+            }
+            return;
+        }
+        c.yes.insert(from);
+        self.maybe_precommit(gid);
+    }
+
+    fn maybe_precommit(&mut self, gid: Gid) {
+        let quorum = self.quorum(self.coord[&gid].members);
+        let majority_mutant = self.is_mutant(crate::Mutant::CommitOnMajorityPrepares);
+        let rec = self.record(gid);
+        let (now, resolve_after) = (self.now, self.cfg.resolve_after);
+        let c = self.coord.get_mut(&gid).expect("caller checked");
+        if c.phase != CoordPhase::CollectingVotes {
+            return;
+        }
+        let enough = if majority_mutant {
+            c.yes.len() >= quorum
+        } else {
+            c.yes == c.members
+        };
+        if !enough {
+            return;
+        }
+        if rec.promised.is_some_and(|p| p > Ballot::COORDINATOR) || rec.decided.is_some() {
+            // A resolver got here first; its decision will reach the client.
+            c.phase = CoordPhase::AwaitingResolver;
+            return;
+        }
+        c.phase = CoordPhase::PreCommitted;
+        c.deadline = now + resolve_after;
+        let members = c.members;
+        // The coordinator's own acceptance of its precommit, durable before it is sent.
+        self.send(
+            self.cfg.id,
+            Message::Accept {
+                gid,
+                ballot: Ballot::COORDINATOR,
+                commit: true,
+            },
+        );
+        let others = members.minus(NodeSet::single(self.cfg.id));
+        self.send_all(
+            others,
+            Message::Accept {
+                gid,
+                ballot: Ballot::COORDINATOR,
+                commit: true,
+            },
+        );
+    }
+
+    /// Acceptor side of a ballot (the coordinator's precommit or a resolver's phase 2).
+    pub(crate) fn on_accept(&mut self, from: NodeId, gid: Gid, ballot: Ballot, commit: bool) {
+        let mut rec = self.record(gid);
+        if let Some(d) = rec.decided {
+            self.send(from, Message::Decision { gid, commit: d });
+            return;
+        }
+        if rec.promised.is_some_and(|p| p > ballot) {
+            self.send(
+                from,
+                Message::Accepted {
+                    gid,
+                    ballot,
+                    ok: false,
+                },
+            );
+            return;
+        }
+        rec.promised = Some(ballot);
+        rec.accepted = Some((ballot, commit));
+        let ack = Message::Accepted {
+            gid,
+            ballot,
+            ok: true,
+        };
+        if self.is_mutant(crate::Mutant::AckBeforePersist) && from != self.cfg.id {
+            self.send(from, ack);
+            self.persist(DurableOp::Tx(gid, rec));
+        } else {
+            self.persist(DurableOp::Tx(gid, rec));
+            self.send(from, ack);
+        }
+    }
+
+    pub(crate) fn on_accepted(&mut self, from: NodeId, gid: Gid, ballot: Ballot, ok: bool) {
+        if ballot != Ballot::COORDINATOR {
+            self.on_resolver_accepted(from, gid, ballot, ok);
+            return;
+        }
+        let quorum = self.coord.get(&gid).map(|c| self.quorum(c.members));
+        let Some(c) = self.coord.get_mut(&gid) else {
+            return;
+        };
+        if c.phase != CoordPhase::PreCommitted || !ok {
+            return;
+        }
+        c.acks.insert(from);
+        if c.acks.len() >= quorum.unwrap_or(usize::MAX) {
+            self.decide(gid, true);
+        }
+    }
+
+    /// Record a final outcome durably, tell the members, and finish it locally.
+    pub(crate) fn decide(&mut self, gid: Gid, commit: bool) {
+        let mut rec = self.record(gid);
+        if rec.decided.is_some() {
+            return;
+        }
+        rec.decided = Some(commit);
+        self.persist(DurableOp::Tx(gid, rec));
+        self.finish_locally(gid, commit);
+        let others = self.cfg.all_nodes().minus(NodeSet::single(self.cfg.id));
+        self.send_all(others, Message::Decision { gid, commit });
+    }
+
+    pub(crate) fn on_decision(&mut self, gid: Gid, commit: bool) {
+        let mut rec = self.record(gid);
+        if rec.decided.is_some() {
+            return;
+        }
+        // Only transactions we hold need the decision; others would bloat the store.
+        let holds = self.in_doubt.contains_key(&gid) || self.coord.contains_key(&gid);
+        if !holds && rec == TxRecord::default() {
+            return;
+        }
+        rec.decided = Some(commit);
+        self.persist(DurableOp::Tx(gid, rec));
+        self.finish_locally(gid, commit);
+    }
+
+    /// Commit or roll back a decided transaction in the local database.
+    fn finish_locally(&mut self, gid: Gid, commit: bool) {
+        self.resolving.remove(&gid);
+        let prepared = self.in_doubt.remove(&gid).is_some();
+        if let Some(c) = self.coord.get_mut(&gid) {
+            if commit {
+                c.phase = CoordPhase::Committing;
+            } else {
+                let c = self.coord.remove(&gid).expect("present");
+                let outcome = Outcome::Aborted(AbortReason::Resolved);
+                self.out.push_back(Output::Reply {
+                    client: c.client,
+                    outcome,
+                });
+            }
+        }
+        if prepared {
+            let cmd = if commit {
+                DbCmd::CommitPrepared { gid }
+            } else {
+                DbCmd::RollbackPrepared { gid }
+            };
+            self.db(cmd);
+        } else if commit && self.coord.contains_key(&gid) {
+            // Coordinator decided before its local prepare finished: cannot happen
+            // (it votes only once prepared), but never leave the client hanging.
+            let c = self.coord.remove(&gid).expect("present");
+            let outcome = Outcome::Aborted(AbortReason::Resolved);
+            self.out.push_back(Output::Reply {
+                client: c.client,
+                outcome,
+            });
+        }
+    }
+
+    pub(crate) fn on_finished(&mut self, gid: Gid, commit: bool) {
+        if let Some(c) = self.coord.get(&gid) {
+            if commit && c.phase == CoordPhase::Committing {
+                let c = self.coord.remove(&gid).expect("present");
+                self.out.push_back(Output::Reply {
+                    client: c.client,
+                    outcome: Outcome::Committed,
+                });
+            }
+        }
+    }
+
+    /// Abort a transaction this node coordinates that has not precommitted.
+    pub(crate) fn coordinator_abort(&mut self, gid: Gid, reason: AbortReason) {
+        let Some(c) = self.coord.get(&gid) else {
+            return;
+        };
+        debug_assert!(matches!(
+            c.phase,
+            CoordPhase::PreparingLocally | CoordPhase::CollectingVotes
+        ));
+        let (members, client, phase) = (c.members, c.client, c.phase);
+        self.event(Event::CoordinatorAborted { gid, reason });
+        if phase == CoordPhase::PreparingLocally {
+            // The local prepare is still running; `on_local_prepared` rolls it back.
+            let c = self.coord.remove(&gid).expect("present");
+            self.out.push_back(Output::Reply {
+                client: c.client,
+                outcome: Outcome::Aborted(reason),
+            });
+            return;
+        }
+        let mut rec = self.record(gid);
+        rec.decided = Some(false);
+        self.persist(DurableOp::Tx(gid, rec));
+        self.coord.remove(&gid);
+        self.in_doubt.remove(&gid);
+        self.resolving.remove(&gid);
+        self.db(DbCmd::RollbackPrepared { gid });
+        self.out.push_back(Output::Reply {
+            client,
+            outcome: Outcome::Aborted(reason),
+        });
+        let others = members.minus(NodeSet::single(self.cfg.id));
+        self.send_all(others, Message::Decision { gid, commit: false });
+    }
+
+    pub(crate) fn abort_coordinated_before(&mut self, gen: u64, reason: AbortReason) {
+        let doomed: Vec<Gid> = self
+            .coord
+            .iter()
+            .filter(|(g, c)| {
+                g.gen < gen
+                    && matches!(
+                        c.phase,
+                        CoordPhase::PreparingLocally | CoordPhase::CollectingVotes
+                    )
+            })
+            .map(|(g, _)| *g)
+            .collect();
+        for gid in doomed {
+            self.coordinator_abort(gid, reason);
+        }
+    }
+
+    pub(crate) fn commit_tick(&mut self) {
+        let expired: Vec<Gid> = self
+            .coord
+            .iter()
+            .filter(|(_, c)| {
+                self.now >= c.deadline
+                    && matches!(
+                        c.phase,
+                        CoordPhase::PreparingLocally | CoordPhase::CollectingVotes
+                    )
+            })
+            .map(|(g, _)| *g)
+            .collect();
+        for gid in expired {
+            if self.coord[&gid].phase == CoordPhase::CollectingVotes {
+                self.coordinator_abort(gid, AbortReason::VoteTimeout);
+            }
+        }
+    }
+
+    /// Whether this node may vote yes on `gid` now.
+    fn may_vote_yes(&self, gid: Gid) -> bool {
+        let g = self.durable.gen;
+        let rec = self.record(gid);
+        self.status == NodeStatus::Online
+            && gid.gen == g.num
+            && self.durable.promised_gen == g.num
+            && g.members.contains(gid.origin)
+            && rec.promised.is_none()
+            && rec.decided.is_none()
+    }
+
+    /// Participant: the data plane delivered `gid`.
+    pub(crate) fn on_remote_tx(&mut self, gid: Gid) {
+        if gid.origin == self.cfg.id
+            || self.in_doubt.contains_key(&gid)
+            || self.applying.contains_key(&gid)
+        {
+            self.db(DbCmd::Discard { gid }); // an echo or a duplicate
+            return;
+        }
+        if self.may_vote_yes(gid) {
+            self.applying.insert(gid, self.now);
+            self.db(DbCmd::ApplyAndPrepare { gid });
+        } else {
+            self.db(DbCmd::Discard { gid });
+            self.vote_no(gid);
+        }
+    }
+
+    pub(crate) fn on_remote_prepared(&mut self, gid: Gid, ok: bool) {
+        if self.applying.remove(&gid).is_none() {
+            if ok {
+                // Not ours to hold (e.g. we restarted meanwhile): leave it to the resolver.
+                self.in_doubt.insert(gid, InDoubt { since: self.now });
+            }
+            return;
+        }
+        if ok && self.may_vote_yes(gid) {
+            self.in_doubt.insert(gid, InDoubt { since: self.now });
+            self.send(gid.origin, Message::TxVote { gid, yes: true });
+        } else {
+            if ok {
+                self.db(DbCmd::RollbackPrepared { gid });
+            }
+            self.vote_no(gid);
+        }
+    }
+
+    /// Vote no. A member of the transaction's generation remembers it as an
+    /// abort (its no forbids a commit), so a redelivery can never turn it
+    /// into a yes. A non-member must not: its vote does not count, and a
+    /// resolver would take the record for a decision.
+    fn vote_no(&mut self, gid: Gid) {
+        let g = self.durable.gen;
+        let mut rec = self.record(gid);
+        let counts = gid.gen == g.num && g.members.contains(self.cfg.id);
+        if counts && rec.decided.is_none() && rec.promised.is_none() {
+            rec.decided = Some(false);
+            self.persist(DurableOp::Tx(gid, rec));
+        }
+        self.send(gid.origin, Message::TxVote { gid, yes: false });
+    }
+}

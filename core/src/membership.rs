@@ -1,0 +1,272 @@
+//! Membership and generations: heartbeats, connectivity views, the largest
+//! mutually connected majority clique, campaigns and generation adoption.
+//!
+//! A generation is formed only with a durable promise from every proposed
+//! member, and members are always a majority of the configured nodes, so two
+//! generations' member sets always intersect (see docs/protocol.md).
+
+use crate::durable::DurableOp;
+use crate::ids::{NodeId, NodeSet};
+use crate::messages::{Generation, Message, NodeStatus};
+use crate::node::{Campaign, Node};
+use crate::{AbortReason, Event};
+use std::collections::BTreeMap;
+
+impl Node {
+    pub(crate) fn membership_tick(&mut self) {
+        if self.now >= self.next_heartbeat {
+            self.send_heartbeats();
+            self.next_heartbeat = self.now + self.cfg.heartbeat_interval;
+        }
+        self.refresh_status();
+        if let Some(c) = &self.campaign {
+            if self.now >= c.deadline {
+                self.campaign = None;
+                self.next_campaign = self.now + self.stagger();
+            }
+        }
+        if self.campaign.is_none() && self.now >= self.next_campaign {
+            self.maybe_campaign();
+        }
+    }
+
+    /// Delay that keeps nodes from campaigning or resolving in lock step.
+    pub(crate) fn stagger(&self) -> crate::Time {
+        crate::Time(self.cfg.retry_interval.0 * (1 + self.cfg.id as u64) / 2)
+    }
+
+    fn send_heartbeats(&mut self) {
+        let msg = Message::Heartbeat {
+            gen: self.durable.gen.num,
+            status: self.status,
+            connected: self.connected_set(),
+            last_online_gen: self.durable.last_online_gen,
+            ready_to_join: self.ready_to_join,
+        };
+        let peers = self.cfg.all_nodes().minus(NodeSet::single(self.cfg.id));
+        self.send_all(peers, msg);
+    }
+
+    pub(crate) fn connected_set(&self) -> NodeSet {
+        let mut s = NodeSet::single(self.cfg.id);
+        for n in self.cfg.all_nodes().iter() {
+            if let Some(t) = self.peers[n as usize].last_heard {
+                if self.now.saturating_sub(t) <= self.cfg.heartbeat_timeout {
+                    s.insert(n);
+                }
+            }
+        }
+        s
+    }
+
+    pub(crate) fn on_heartbeat(
+        &mut self,
+        from: NodeId,
+        gen: u64,
+        status: NodeStatus,
+        connected: NodeSet,
+        last_online_gen: u64,
+        ready_to_join: bool,
+    ) {
+        let p = &mut self.peers[from as usize];
+        p.gen = gen;
+        p.status = Some(status);
+        p.connected = connected;
+        p.last_online_gen = last_online_gen;
+        p.ready_to_join = ready_to_join;
+        // Repair a lost NewGen: a member of our generation still in an older one.
+        let g = self.durable.gen;
+        if gen < g.num && g.members.contains(from) && g.members.contains(self.cfg.id) {
+            self.send(from, Message::NewGen { gen: g });
+        }
+    }
+
+    /// Largest set of mutually connected nodes containing this one; ties go
+    /// to the set keeping most current members, then the smallest bitmask.
+    pub(crate) fn best_clique(&self) -> NodeSet {
+        let me = self.cfg.id;
+        let conn = self.connected_set();
+        let view = |n: NodeId| {
+            if n == me {
+                conn
+            } else {
+                self.peers[n as usize].connected
+            }
+        };
+        let mutual = |a: NodeId, b: NodeId| view(a).contains(b) && view(b).contains(a);
+        let cand: Vec<NodeId> = conn.iter().filter(|&n| n != me).collect();
+        let members = self.durable.gen.members;
+        let mut best = NodeSet::single(me);
+        let mut best_key = (
+            1usize,
+            members.contains(me) as usize,
+            std::cmp::Reverse(best.0),
+        );
+        for mask in 0u32..(1 << cand.len()) {
+            let mut s = NodeSet::single(me);
+            for (i, n) in cand.iter().enumerate() {
+                if mask & (1 << i) != 0 {
+                    s.insert(*n);
+                }
+            }
+            let nodes: Vec<NodeId> = s.iter().collect();
+            let clique = nodes
+                .iter()
+                .enumerate()
+                .all(|(i, &a)| nodes[i + 1..].iter().all(|&b| mutual(a, b)));
+            if !clique {
+                continue;
+            }
+            let key = (s.len(), s.intersect(members).len(), std::cmp::Reverse(s.0));
+            if key > best_key {
+                best = s;
+                best_key = key;
+            }
+        }
+        best
+    }
+
+    /// The members the next generation should have, if it differs from the
+    /// current one and this node is the one to campaign for it.
+    fn desired_members(&self) -> Option<NodeSet> {
+        let me = self.cfg.id;
+        let g = self.durable.gen;
+        let clique = self.best_clique();
+        if clique.len() < self.quorum(clique) {
+            return None;
+        }
+        // A newer generation exists among our peers: let its members repair us.
+        if clique
+            .iter()
+            .any(|n| n != me && self.peers[n as usize].gen > g.num)
+        {
+            return None;
+        }
+        let keeps = |n: NodeId| {
+            if n == me {
+                g.members.contains(me) || self.ready_to_join
+            } else {
+                let p = &self.peers[n as usize];
+                (g.members.contains(n) && p.gen == g.num) || p.ready_to_join
+            }
+        };
+        let mut desired: NodeSet = clique.iter().filter(|&n| keeps(n)).collect();
+        if desired.len() < self.quorum(desired) || !desired.contains(me) {
+            // No working majority to extend: start over with everyone we can reach.
+            desired = clique;
+        }
+        if desired.min() != Some(me) {
+            return None;
+        }
+        let everyone_current = desired
+            .iter()
+            .all(|n| n == me || self.peers[n as usize].gen == g.num);
+        if desired == g.members && everyone_current && self.durable.promised_gen == g.num {
+            return None;
+        }
+        Some(desired)
+    }
+
+    fn maybe_campaign(&mut self) {
+        let Some(members) = self.desired_members() else {
+            return;
+        };
+        let highest_seen = members
+            .iter()
+            .map(|n| self.peers[n as usize].gen)
+            .max()
+            .unwrap_or(0);
+        let num = self.durable.promised_gen.max(highest_seen) + 1;
+        self.campaign = Some(Campaign {
+            num,
+            members,
+            granted: NodeSet::EMPTY,
+            last_online: BTreeMap::new(),
+            deadline: self.now + self.cfg.retry_interval,
+        });
+        self.event(Event::CampaignStarted { num, members });
+        self.send_all(members, Message::Propose { num, members });
+    }
+
+    pub(crate) fn on_propose(&mut self, from: NodeId, num: u64, members: NodeSet) {
+        let grant = num > self.durable.promised_gen && members.contains(self.cfg.id);
+        if grant {
+            self.persist(DurableOp::PromiseGen(num));
+        }
+        let num = if grant {
+            num
+        } else {
+            self.durable.promised_gen
+        };
+        let last_online_gen = self.durable.last_online_gen;
+        self.send(
+            from,
+            Message::GenVote {
+                num,
+                granted: grant,
+                last_online_gen,
+            },
+        );
+    }
+
+    pub(crate) fn on_gen_vote(
+        &mut self,
+        from: NodeId,
+        num: u64,
+        granted: bool,
+        last_online_gen: u64,
+    ) {
+        let Some(c) = &mut self.campaign else { return };
+        if !granted {
+            if num >= c.num {
+                // Someone promised a newer campaign: ours cannot win.
+                self.campaign = None;
+                self.next_campaign = self.now + self.stagger();
+            }
+            return;
+        }
+        if num != c.num || !c.members.contains(from) {
+            return;
+        }
+        c.granted.insert(from);
+        c.last_online.insert(from, last_online_gen);
+        if c.granted != c.members {
+            return;
+        }
+        let newest = c.last_online.values().copied().max().unwrap_or(0);
+        let donors = c
+            .last_online
+            .iter()
+            .filter(|(_, &l)| l == newest)
+            .map(|(&n, _)| n)
+            .collect();
+        let gen = Generation {
+            num: c.num,
+            members: c.members,
+            donors,
+        };
+        self.campaign = None;
+        self.send_all(gen.members, Message::NewGen { gen });
+    }
+
+    pub(crate) fn on_new_gen(&mut self, gen: Generation) {
+        if gen.num <= self.durable.gen.num {
+            return;
+        }
+        let me = self.cfg.id;
+        self.persist(DurableOp::AdoptGen(gen));
+        if gen.donors.contains(me) {
+            self.persist(DurableOp::LastOnline(gen.num));
+        }
+        self.event(Event::GenerationAdopted { gen });
+        // Peers' views lag by up to a heartbeat: judge the new generation on fresh ones.
+        self.next_campaign =
+            self.now + crate::Time(self.cfg.heartbeat_interval.0 * 2) + self.stagger();
+        self.ready_to_join = false;
+        self.catchup = None;
+        self.serving.clear();
+        // A generation change is a barrier: what has not precommitted aborts.
+        self.abort_coordinated_before(gen.num, AbortReason::GenerationChanged);
+        self.refresh_status();
+    }
+}

@@ -1,0 +1,143 @@
+//! Control-plane messages between nodes. Every message is self-describing
+//! (it names the generation or gid it is about), so duplicates, reordering
+//! and late arrival are harmless: each handler checks the state it asserts.
+
+use crate::ids::{Ballot, Gid, NodeId, NodeSet};
+use serde::{Deserialize, Serialize};
+
+/// A generation: a numbered membership. `members` is a majority clique of
+/// the configured nodes; `donors` are the members that held every committed
+/// transaction when the generation formed (they are `online` at once, the
+/// other members enter `recovery` and catch up from a donor).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Generation {
+    pub num: u64,
+    pub members: NodeSet,
+    pub donors: NodeSet,
+}
+
+/// What a node is doing, from its own point of view.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum NodeStatus {
+    /// Member of its current generation, holding every committed transaction: takes work.
+    Online,
+    /// Member of its current generation, still replaying from a donor: votes no.
+    Recovery,
+    /// Not a member of a generation it could work in; catching up and asking to join.
+    Catchup,
+    /// Cannot see a majority: refuses work until it can.
+    Isolated,
+}
+
+/// A transaction's state as reported to a resolver (phase 1 answer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TxReport {
+    /// Final decision known.
+    Decided { commit: bool },
+    /// An accepted proposal: ballot zero with `commit` is the coordinator's precommit.
+    Accepted { ballot: Ballot, commit: bool },
+    /// Prepared (voted yes, or coordinator prepared locally), nothing accepted.
+    Prepared,
+    /// Never prepared here; the promise just made means it never will be.
+    NotPrepared,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    /// Every `heartbeat_interval`: the sender's view, for failure detection and cliques.
+    Heartbeat {
+        gen: u64,
+        status: NodeStatus,
+        /// Peers the sender heard from within `heartbeat_timeout` (itself included).
+        connected: NodeSet,
+        last_online_gen: u64,
+        /// A non-member whose pre-join catch-up is done asks to be included.
+        ready_to_join: bool,
+    },
+    /// A campaign for generation `num` with the given members.
+    Propose { num: u64, members: NodeSet },
+    /// Answer to `Propose`, sent after the promise is durable.
+    GenVote {
+        num: u64,
+        granted: bool,
+        last_online_gen: u64,
+    },
+    /// The campaign won: adopt this generation.
+    NewGen { gen: Generation },
+
+    /// Participant's vote on a transaction it was asked to apply.
+    TxVote { gid: Gid, yes: bool },
+    /// Phase 2 of a ballot: precommit (`commit`) or pre-abort at `ballot`.
+    /// The coordinator's precommit is `ballot == Ballot::COORDINATOR`.
+    Accept {
+        gid: Gid,
+        ballot: Ballot,
+        commit: bool,
+    },
+    /// Answer to `Accept`, sent after the acceptance is durable.
+    Accepted { gid: Gid, ballot: Ballot, ok: bool },
+    /// Final outcome.
+    Decision { gid: Gid, commit: bool },
+
+    /// Resolver phase 1: promise `ballot` and report your state of `gid`.
+    ResolveQuery { gid: Gid, ballot: Ballot },
+    /// Answer to `ResolveQuery`, sent after the promise is durable.
+    /// `ok == false` means a higher ballot was promised already (`promised`).
+    ResolveState {
+        gid: Gid,
+        ballot: Ballot,
+        ok: bool,
+        promised: Ballot,
+        report: TxReport,
+    },
+
+    /// A returning node asks a donor for every committed transaction of
+    /// generations `(from_gen, upto_gen)`; `upto_gen == None`: all it has now.
+    CatchupRequest {
+        from_gen: u64,
+        upto_gen: Option<u64>,
+    },
+    /// The donor cannot serve (not online, or no longer a donor).
+    CatchupRefused { upto_gen: Option<u64> },
+}
+
+impl Message {
+    /// A short stable name, for traces and coverage tables.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Heartbeat { .. } => "Heartbeat",
+            Message::Propose { .. } => "Propose",
+            Message::GenVote { .. } => "GenVote",
+            Message::NewGen { .. } => "NewGen",
+            Message::TxVote { .. } => "TxVote",
+            Message::Accept { .. } => "Accept",
+            Message::Accepted { .. } => "Accepted",
+            Message::Decision { .. } => "Decision",
+            Message::ResolveQuery { .. } => "ResolveQuery",
+            Message::ResolveState { .. } => "ResolveState",
+            Message::CatchupRequest { .. } => "CatchupRequest",
+            Message::CatchupRefused { .. } => "CatchupRefused",
+        }
+    }
+
+    /// The transaction a message is about, if any.
+    pub fn gid(&self) -> Option<Gid> {
+        match self {
+            Message::TxVote { gid, .. }
+            | Message::Accept { gid, .. }
+            | Message::Accepted { gid, .. }
+            | Message::Decision { gid, .. }
+            | Message::ResolveQuery { gid, .. }
+            | Message::ResolveState { gid, .. } => Some(*gid),
+            _ => None,
+        }
+    }
+}
+
+/// Who sent what to whom: the unit drivers carry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    pub from: NodeId,
+    pub to: NodeId,
+    pub msg: Message,
+}

@@ -1,0 +1,41 @@
+//! Deliberately broken protocol variants. They exist to prove that the
+//! simulator's checkers catch the bugs they are meant to catch; they are
+//! selectable only with the `mutants` feature, which `mmd` never enables.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Mutant {
+    /// The coordinator precommits once a majority voted yes instead of every member.
+    CommitOnMajorityPrepares,
+    /// An acceptor answers `Accepted` before its acceptance is durable.
+    AckBeforePersist,
+    /// The resolver ignores accepted ballots: abort unless someone already committed.
+    ResolverIgnoresBallots,
+    /// Quorums are counted over the generation's members, so a minority forms
+    /// its own generation and accepts writes.
+    MinorityAcceptsWrites,
+    /// The joiner asks its donor for one generation too few, skipping the
+    /// transactions of the first generation it missed.
+    CatchupSkipsTransactions,
+}
+
+impl Mutant {
+    pub const ALL: [Mutant; 5] = [
+        Mutant::CommitOnMajorityPrepares,
+        Mutant::AckBeforePersist,
+        Mutant::ResolverIgnoresBallots,
+        Mutant::MinorityAcceptsWrites,
+        Mutant::CatchupSkipsTransactions,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mutant::CommitOnMajorityPrepares => "commit_on_majority_prepares",
+            Mutant::AckBeforePersist => "ack_before_persist",
+            Mutant::ResolverIgnoresBallots => "resolver_ignores_ballots",
+            Mutant::MinorityAcceptsWrites => "minority_accepts_writes",
+            Mutant::CatchupSkipsTransactions => "catchup_skips_transactions",
+        }
+    }
+}

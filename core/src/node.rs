@@ -1,0 +1,378 @@
+//! The per-node state machine: its state, the input dispatch and the output
+//! queue. The protocol's parts live in their own modules as `impl Node`
+//! blocks: membership, commit (coordinator and participant), resolver, catch-up.
+
+use crate::durable::{DurableOp, DurableState, TxRecord};
+use crate::ids::{Ballot, ClientId, Gid, NodeId, NodeSet, Time};
+use crate::messages::{Generation, Message, NodeStatus};
+use crate::{Config, DbCmd, DbResult, Event, Input, Output};
+use std::collections::{BTreeMap, VecDeque};
+
+/// Where a coordinated transaction stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum CoordPhase {
+    /// `PREPARE TRANSACTION` issued on the client's session.
+    PreparingLocally,
+    /// Prepared here; waiting for every member's vote.
+    CollectingVotes,
+    /// Precommit durable here; waiting for a majority of durable acks.
+    PreCommitted,
+    /// A resolver took the transaction over (promised a higher ballot here);
+    /// the client waits for its decision.
+    AwaitingResolver,
+    /// Decided commit; `COMMIT PREPARED` issued locally.
+    Committing,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct CoordTx {
+    pub client: ClientId,
+    pub members: NodeSet,
+    pub phase: CoordPhase,
+    pub yes: NodeSet,
+    pub acks: NodeSet,
+    pub deadline: Time,
+}
+
+/// A transaction prepared in the local database whose outcome is not known here.
+#[derive(Clone, Debug)]
+pub(crate) struct InDoubt {
+    /// When it was prepared (or when this incarnation found it).
+    pub since: Time,
+}
+
+/// What this node last heard from a peer.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct PeerView {
+    pub last_heard: Option<Time>,
+    pub gen: u64,
+    pub status: Option<NodeStatus>,
+    pub connected: NodeSet,
+    pub last_online_gen: u64,
+    pub ready_to_join: bool,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct Campaign {
+    pub num: u64,
+    pub members: NodeSet,
+    pub granted: NodeSet,
+    /// Each voter's `last_online_gen`, by node id.
+    pub last_online: BTreeMap<NodeId, u64>,
+    pub deadline: Time,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct Resolution {
+    pub ballot: Ballot,
+    /// Phase 1 answers: `(report)` per node that promised.
+    pub reports: BTreeMap<NodeId, crate::messages::TxReport>,
+    /// Phase 2: the value proposed and who accepted it.
+    pub proposal: Option<(bool, crate::ResolveRule)>,
+    pub accepted: NodeSet,
+    pub deadline: Time,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct CatchupJob {
+    pub donor: NodeId,
+    pub upto_gen: Option<u64>,
+    pub deadline: Time,
+}
+
+/// One cluster member's protocol state machine.
+pub struct Node {
+    pub(crate) cfg: Config,
+    pub(crate) now: Time,
+    pub(crate) durable: DurableState,
+    pub(crate) status: NodeStatus,
+    pub(crate) out: VecDeque<Output>,
+    pub(crate) next_tick: Time,
+
+    // membership
+    pub(crate) peers: Vec<PeerView>,
+    pub(crate) next_heartbeat: Time,
+    pub(crate) campaign: Option<Campaign>,
+    pub(crate) next_campaign: Time,
+
+    // commit
+    pub(crate) seq: u32,
+    pub(crate) coord: BTreeMap<Gid, CoordTx>,
+    pub(crate) in_doubt: BTreeMap<Gid, InDoubt>,
+    /// Remote transactions handed to the database for apply-and-prepare.
+    pub(crate) applying: BTreeMap<Gid, Time>,
+
+    // resolver
+    pub(crate) resolving: BTreeMap<Gid, Resolution>,
+    pub(crate) max_round: u32,
+
+    // catch-up
+    pub(crate) catchup: Option<CatchupJob>,
+    pub(crate) ready_to_join: bool,
+    pub(crate) catchup_attempts: u32,
+    /// Donor side: requests waiting until the donor's older transactions are settled.
+    pub(crate) serving: BTreeMap<NodeId, (u64, Option<u64>)>,
+}
+
+impl Node {
+    /// A node of a freshly initialised cluster (generation 1, every node online).
+    pub fn new(cfg: Config, now: Time) -> Node {
+        let durable = DurableState::bootstrap(cfg.nodes);
+        let mut node = Node::with_state(cfg, durable, now);
+        node.status = NodeStatus::Online;
+        node
+    }
+
+    /// A node restarting after a crash: its durable state and the gids its
+    /// database still holds prepared (`pg_prepared_xacts`). Volatile state
+    /// (coordinated transactions, campaigns, resolver rounds) is gone.
+    pub fn recover(cfg: Config, durable: DurableState, prepared: &[Gid], now: Time) -> Node {
+        let mut node = Node::with_state(cfg, durable, now);
+        let boot = node.durable.boot + 1;
+        node.persist(DurableOp::Boot(boot));
+        for gid in prepared {
+            match node.record(*gid).decided {
+                Some(true) => node.db(DbCmd::CommitPrepared { gid: *gid }),
+                Some(false) => node.db(DbCmd::RollbackPrepared { gid: *gid }),
+                None => {
+                    node.in_doubt.insert(*gid, InDoubt { since: now });
+                }
+            }
+        }
+        node
+    }
+
+    fn with_state(cfg: Config, durable: DurableState, now: Time) -> Node {
+        let peers = vec![PeerView::default(); cfg.nodes + 1];
+        Node {
+            now,
+            durable,
+            status: NodeStatus::Isolated,
+            out: VecDeque::new(),
+            next_tick: now,
+            peers,
+            next_heartbeat: now,
+            campaign: None,
+            next_campaign: now,
+            seq: 0,
+            coord: BTreeMap::new(),
+            in_doubt: BTreeMap::new(),
+            applying: BTreeMap::new(),
+            resolving: BTreeMap::new(),
+            max_round: 0,
+            catchup: None,
+            ready_to_join: false,
+            catchup_attempts: 0,
+            serving: BTreeMap::new(),
+            cfg,
+        }
+    }
+
+    /// Feed one input. `now` must not go backwards.
+    pub fn handle(&mut self, now: Time, input: Input) {
+        self.now = self.now.max(now);
+        match input {
+            Input::Tick => self.on_tick(),
+            Input::Receive { from, msg } => self.on_message(from, msg),
+            Input::CommitRequest { client } => self.on_commit_request(client),
+            Input::RemoteTx { gid } => self.on_remote_tx(gid),
+            Input::Db(res) => match res {
+                DbResult::LocalPrepared { client, gid, ok } => {
+                    self.on_local_prepared(client, gid, ok)
+                }
+                DbResult::RemotePrepared { gid, ok } => self.on_remote_prepared(gid, ok),
+                DbResult::Finished { gid, commit } => self.on_finished(gid, commit),
+            },
+            Input::CatchupApplied { donor, upto_gen } => self.on_catchup_applied(donor, upto_gen),
+        }
+        self.refresh_status();
+    }
+
+    /// Next output, in the order the driver must process them.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    /// When the driver must next deliver [`Input::Tick`].
+    pub fn next_timer(&self) -> Time {
+        self.next_tick
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.cfg.id
+    }
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+    pub fn status(&self) -> NodeStatus {
+        self.status
+    }
+    pub fn generation(&self) -> Generation {
+        self.durable.gen
+    }
+    pub fn durable(&self) -> &DurableState {
+        &self.durable
+    }
+    /// Whether client work (reads and writes) is accepted here now.
+    pub fn accepts_work(&self) -> bool {
+        self.status == NodeStatus::Online
+    }
+    /// Peers heard from within the heartbeat timeout, this node included.
+    pub fn connected(&self) -> NodeSet {
+        self.connected_set()
+    }
+    /// Transactions this node coordinates, with their phase.
+    pub fn coordinating(&self) -> impl Iterator<Item = (Gid, CoordPhase)> + '_ {
+        self.coord.iter().map(|(g, c)| (*g, c.phase))
+    }
+    /// Prepared here and undecided (participant side, or coordinator after a crash).
+    pub fn in_doubt(&self) -> impl Iterator<Item = Gid> + '_ {
+        self.in_doubt.keys().copied()
+    }
+    /// Remote transactions being applied and prepared here.
+    pub fn applying(&self) -> impl Iterator<Item = Gid> + '_ {
+        self.applying.keys().copied()
+    }
+
+    fn on_tick(&mut self) {
+        self.membership_tick();
+        self.commit_tick();
+        self.resolver_tick();
+        self.catchup_tick();
+        self.next_tick = self.now + self.cfg.tick_interval;
+    }
+
+    fn on_message(&mut self, from: NodeId, msg: Message) {
+        if from == 0 || from as usize > self.cfg.nodes || from == self.cfg.id {
+            return; // not a peer of ours; the transport should not have let it in
+        }
+        self.peers[from as usize].last_heard = Some(self.now);
+        self.dispatch(from, msg);
+    }
+
+    /// Handle a message from a peer or from this node itself (resolver and
+    /// campaign rounds count the local node like any other voter).
+    pub(crate) fn dispatch(&mut self, from: NodeId, msg: Message) {
+        match msg {
+            Message::Heartbeat {
+                gen,
+                status,
+                connected,
+                last_online_gen,
+                ready_to_join,
+            } => self.on_heartbeat(from, gen, status, connected, last_online_gen, ready_to_join),
+            Message::Propose { num, members } => self.on_propose(from, num, members),
+            Message::GenVote {
+                num,
+                granted,
+                last_online_gen,
+            } => self.on_gen_vote(from, num, granted, last_online_gen),
+            Message::NewGen { gen } => self.on_new_gen(gen),
+            Message::TxVote { gid, yes } => self.on_vote(from, gid, yes),
+            Message::Accept {
+                gid,
+                ballot,
+                commit,
+            } => self.on_accept(from, gid, ballot, commit),
+            Message::Accepted { gid, ballot, ok } => self.on_accepted(from, gid, ballot, ok),
+            Message::Decision { gid, commit } => self.on_decision(gid, commit),
+            Message::ResolveQuery { gid, ballot } => self.on_resolve_query(from, gid, ballot),
+            Message::ResolveState {
+                gid,
+                ballot,
+                ok,
+                promised,
+                report,
+            } => self.on_resolve_state(from, gid, ballot, ok, promised, report),
+            Message::CatchupRequest { from_gen, upto_gen } => {
+                self.on_catchup_request(from, from_gen, upto_gen)
+            }
+            Message::CatchupRefused { upto_gen } => self.on_catchup_refused(from, upto_gen),
+        }
+    }
+
+    /// Send to a peer, or handle at once if addressed to this node.
+    pub(crate) fn send(&mut self, to: NodeId, msg: Message) {
+        if to == self.cfg.id {
+            self.dispatch(to, msg);
+        } else {
+            self.out.push_back(Output::Send { to, msg });
+        }
+    }
+
+    pub(crate) fn send_all(&mut self, to: NodeSet, msg: Message) {
+        for n in to.iter() {
+            self.send(n, msg.clone());
+        }
+    }
+
+    pub(crate) fn persist(&mut self, op: DurableOp) {
+        self.durable.apply(&op);
+        self.out.push_back(Output::Persist(op));
+    }
+
+    pub(crate) fn db(&mut self, cmd: DbCmd) {
+        self.out.push_back(Output::Db(cmd));
+    }
+
+    pub(crate) fn event(&mut self, e: Event) {
+        self.out.push_back(Output::Event(e));
+    }
+
+    pub(crate) fn record(&self, gid: Gid) -> TxRecord {
+        self.durable.txs.get(&gid).copied().unwrap_or_default()
+    }
+
+    pub(crate) fn is_mutant(&self, _m: crate::Mutant) -> bool {
+        #[cfg(feature = "mutants")]
+        {
+            self.cfg.mutant == Some(_m)
+        }
+        #[cfg(not(feature = "mutants"))]
+        {
+            false
+        }
+    }
+
+    /// Recompute the node's status from membership and connectivity.
+    pub(crate) fn refresh_status(&mut self) {
+        let id = self.cfg.id;
+        let gen = self.durable.gen;
+        let conn = self.connected_set();
+        let sees_majority = conn.len() >= self.quorum(gen.members);
+        // A peer in a newer generation means ours is over, whatever we were in it.
+        let stale = conn
+            .iter()
+            .any(|n| n != id && self.peers[n as usize].gen > gen.num);
+        let status = if !sees_majority {
+            NodeStatus::Isolated
+        } else if stale {
+            NodeStatus::Catchup
+        } else if gen.members.contains(id) && self.durable.last_online_gen >= gen.num {
+            if self.durable.promised_gen == gen.num {
+                NodeStatus::Online
+            } else {
+                // Voted for a newer generation that has not formed yet: hold work.
+                NodeStatus::Isolated
+            }
+        } else if gen.members.contains(id) {
+            NodeStatus::Recovery
+        } else {
+            NodeStatus::Catchup
+        };
+        if status != self.status {
+            self.status = status;
+            self.event(Event::StatusChanged { status });
+        }
+    }
+
+    /// Votes needed for a quorum. Always a majority of the configured nodes;
+    /// the minority mutant counts the given set instead.
+    pub(crate) fn quorum(&self, set: NodeSet) -> usize {
+        if self.is_mutant(crate::Mutant::MinorityAcceptsWrites) {
+            set.len() / 2 + 1
+        } else {
+            self.cfg.majority()
+        }
+    }
+}
