@@ -176,7 +176,7 @@ impl Node {
             .map(|n| self.peers[n as usize].gen)
             .max()
             .unwrap_or(0);
-        let num = self.durable.promised_gen.max(highest_seen) + 1;
+        let num = self.durable.promised_gen.max(highest_seen).max(self.highest_promise_seen) + 1;
         self.campaign = Some(Campaign {
             num,
             members,
@@ -216,6 +216,9 @@ impl Node {
         granted: bool,
         last_online_gen: u64,
     ) {
+        if !granted {
+            self.highest_promise_seen = self.highest_promise_seen.max(num);
+        }
         let Some(c) = &mut self.campaign else { return };
         if !granted {
             if num >= c.num {

@@ -94,6 +94,8 @@ pub struct Node {
     pub(crate) next_heartbeat: Time,
     pub(crate) campaign: Option<Campaign>,
     pub(crate) next_campaign: Time,
+    /// Highest generation number promised by anyone, as learnt from refusals.
+    pub(crate) highest_promise_seen: u64,
 
     // commit
     pub(crate) seq: u32,
@@ -154,6 +156,7 @@ impl Node {
             next_heartbeat: now,
             campaign: None,
             next_campaign: now,
+            highest_promise_seen: 0,
             seq: 0,
             coord: BTreeMap::new(),
             in_doubt: BTreeMap::new(),
