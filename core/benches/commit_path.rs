@@ -72,6 +72,7 @@ fn bench(c: &mut Criterion) {
         for peer in [2, 3] {
             let hb = Message::Heartbeat {
                 gen: 1,
+                promised_gen: 1,
                 status: NodeStatus::Online,
                 connected: NodeSet::first_n(3),
                 last_online_gen: 1,

@@ -27,13 +27,12 @@ impl Node {
             NodeStatus::Catchup => !self.ready_to_join,
             _ => false,
         };
-        // Our own undecided transactions come first: replaying newer ones
-        // over rows they lock would apply them out of order.
-        if !wants
-            || self.catchup.is_some()
-            || !self.in_doubt.is_empty()
-            || !self.applying.is_empty()
-        {
+        // Our own undecided transactions come first, and decided ones must
+        // have finished in the database: replaying newer ones over rows they
+        // lock would apply them out of order.
+        let unsettled =
+            !self.in_doubt.is_empty() || !self.applying.is_empty() || !self.finishing.is_empty();
+        if !wants || self.catchup.is_some() || unsettled {
             return;
         }
         let Some(donor) = self.pick_donor() else {
@@ -116,8 +115,14 @@ impl Node {
                 self.send(to, Message::CatchupRefused { upto_gen });
                 continue;
             }
+            // Decided is not enough: the committed log holds a transaction
+            // only once its COMMIT PREPARED finished.
             let settled = match upto_gen {
-                Some(u) => self.in_doubt.keys().all(|gid| gid.gen >= u),
+                Some(u) => self
+                    .in_doubt
+                    .keys()
+                    .chain(self.finishing.iter())
+                    .all(|gid| gid.gen >= u),
                 None => true, // a pre-join snapshot: the final catch-up repeats the range
             };
             if settled {

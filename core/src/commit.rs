@@ -240,6 +240,7 @@ impl Node {
             }
         }
         if prepared {
+            self.finishing.insert(gid);
             let cmd = if commit {
                 DbCmd::CommitPrepared { gid }
             } else {
@@ -259,6 +260,7 @@ impl Node {
     }
 
     pub(crate) fn on_finished(&mut self, gid: Gid, commit: bool) {
+        self.finishing.remove(&gid);
         if let Some(c) = self.coord.get(&gid) {
             if commit && c.phase == CoordPhase::Committing {
                 let c = self.coord.remove(&gid).expect("present");

@@ -38,6 +38,7 @@ impl Node {
     fn send_heartbeats(&mut self) {
         let msg = Message::Heartbeat {
             gen: self.durable.gen.num,
+            promised_gen: self.durable.promised_gen,
             status: self.status,
             connected: self.connected_set(),
             last_online_gen: self.durable.last_online_gen,
@@ -142,26 +143,41 @@ impl Node {
         {
             return None;
         }
+        // Nodes of the clique in our (the newest) generation; one of them leads,
+        // since nodes behind it wait to be repaired and never campaign.
+        let current: NodeSet = clique
+            .iter()
+            .filter(|&n| n == me || self.peers[n as usize].gen == g.num)
+            .collect();
+        if current.min() != Some(me) {
+            return None;
+        }
         let keeps = |n: NodeId| {
-            if n == me {
-                g.members.contains(me) || self.ready_to_join
+            let ready = if n == me {
+                self.ready_to_join
             } else {
-                let p = &self.peers[n as usize];
-                (g.members.contains(n) && p.gen == g.num) || p.ready_to_join
-            }
+                self.peers[n as usize].ready_to_join
+            };
+            (g.members.contains(n) && current.contains(n)) || ready
         };
         let mut desired: NodeSet = clique.iter().filter(|&n| keeps(n)).collect();
-        if desired.len() < self.quorum(desired) || !desired.contains(me) {
+        if desired.len() < self.quorum(desired) {
             // No working majority to extend: start over with everyone we can reach.
             desired = clique;
         }
-        if desired.min() != Some(me) {
-            return None;
-        }
-        let everyone_current = desired
+        let promise = |n: NodeId| {
+            if n == me {
+                self.durable.promised_gen
+            } else {
+                self.peers[n as usize].promised_gen
+            }
+        };
+        // A promise ahead of the generation belongs to a campaign that has not
+        // formed (or died): the voter holds work until a newer one forms.
+        let settled = desired
             .iter()
-            .all(|n| n == me || self.peers[n as usize].gen == g.num);
-        if desired == g.members && everyone_current && self.durable.promised_gen == g.num {
+            .all(|n| current.contains(n) && promise(n) == g.num);
+        if desired == g.members && settled {
             return None;
         }
         Some(desired)
@@ -173,10 +189,20 @@ impl Node {
         };
         let highest_seen = members
             .iter()
-            .map(|n| self.peers[n as usize].gen)
+            .filter(|&n| n != self.cfg.id)
+            .map(|n| {
+                self.peers[n as usize]
+                    .promised_gen
+                    .max(self.peers[n as usize].gen)
+            })
             .max()
             .unwrap_or(0);
-        let num = self.durable.promised_gen.max(highest_seen).max(self.highest_promise_seen) + 1;
+        let num = self
+            .durable
+            .promised_gen
+            .max(highest_seen)
+            .max(self.highest_promise_seen)
+            + 1;
         self.campaign = Some(Campaign {
             num,
             members,

@@ -47,6 +47,9 @@ pub enum Message {
     /// Every `heartbeat_interval`: the sender's view, for failure detection and cliques.
     Heartbeat {
         gen: u64,
+        /// Highest generation the sender voted for; ahead of `gen` while a
+        /// campaign is open, or forever if it died: a leader re-forms then.
+        promised_gen: u64,
         status: NodeStatus,
         /// Peers the sender heard from within `heartbeat_timeout` (itself included).
         connected: NodeSet,

@@ -46,6 +46,7 @@ pub(crate) struct InDoubt {
 pub(crate) struct PeerView {
     pub last_heard: Option<Time>,
     pub gen: u64,
+    pub promised_gen: u64,
     pub status: Option<NodeStatus>,
     pub connected: NodeSet,
     pub last_online_gen: u64,
@@ -103,6 +104,8 @@ pub struct Node {
     pub(crate) in_doubt: BTreeMap<Gid, InDoubt>,
     /// Remote transactions handed to the database for apply-and-prepare.
     pub(crate) applying: BTreeMap<Gid, Time>,
+    /// Decided transactions whose `COMMIT/ROLLBACK PREPARED` has not finished.
+    pub(crate) finishing: std::collections::BTreeSet<Gid>,
 
     // resolver
     pub(crate) resolving: BTreeMap<Gid, Resolution>,
@@ -134,8 +137,15 @@ impl Node {
         node.persist(DurableOp::Boot(boot));
         for gid in prepared {
             match node.record(*gid).decided {
-                Some(true) => node.db(DbCmd::CommitPrepared { gid: *gid }),
-                Some(false) => node.db(DbCmd::RollbackPrepared { gid: *gid }),
+                Some(commit) => {
+                    node.finishing.insert(*gid);
+                    let cmd = if commit {
+                        DbCmd::CommitPrepared { gid: *gid }
+                    } else {
+                        DbCmd::RollbackPrepared { gid: *gid }
+                    };
+                    node.db(cmd);
+                }
                 None => {
                     node.in_doubt.insert(*gid, InDoubt { since: now });
                 }
@@ -161,6 +171,7 @@ impl Node {
             coord: BTreeMap::new(),
             in_doubt: BTreeMap::new(),
             applying: BTreeMap::new(),
+            finishing: Default::default(),
             resolving: BTreeMap::new(),
             max_round: 0,
             catchup: None,
@@ -216,6 +227,10 @@ impl Node {
     pub fn durable(&self) -> &DurableState {
         &self.durable
     }
+    /// Highest generation this node voted for (ahead of `generation()` during a campaign).
+    pub fn promised_gen(&self) -> u64 {
+        self.durable.promised_gen
+    }
     /// Whether client work (reads and writes) is accepted here now.
     pub fn accepts_work(&self) -> bool {
         self.status == NodeStatus::Online
@@ -259,11 +274,15 @@ impl Node {
         match msg {
             Message::Heartbeat {
                 gen,
+                promised_gen,
                 status,
                 connected,
                 last_online_gen,
                 ready_to_join,
-            } => self.on_heartbeat(from, gen, status, connected, last_online_gen, ready_to_join),
+            } => {
+                self.peers[from as usize].promised_gen = promised_gen;
+                self.on_heartbeat(from, gen, status, connected, last_online_gen, ready_to_join)
+            }
             Message::Propose { num, members } => self.on_propose(from, num, members),
             Message::GenVote {
                 num,
