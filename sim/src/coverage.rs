@@ -17,6 +17,7 @@ pub enum Path {
     CoordinatorCrashCommitting,
     ParticipantCrashApplying,
     ParticipantCrashPrepared,
+    ParticipantCrashPrecommitted,
     CatchupCompleted,
     VotesLost,
     VoteNo,
@@ -24,7 +25,7 @@ pub enum Path {
 }
 
 impl Path {
-    pub const ALL: [Path; 15] = [
+    pub const ALL: [Path; 16] = [
         Path::GenerationChange,
         Path::ResolverCommitAlreadyDecided,
         Path::ResolverCommitHighestAccepted,
@@ -36,6 +37,7 @@ impl Path {
         Path::CoordinatorCrashCommitting,
         Path::ParticipantCrashApplying,
         Path::ParticipantCrashPrepared,
+        Path::ParticipantCrashPrecommitted,
         Path::CatchupCompleted,
         Path::VotesLost,
         Path::VoteNo,
@@ -55,6 +57,7 @@ impl Path {
             Path::CoordinatorCrashCommitting => "coordinator_crash_committing",
             Path::ParticipantCrashApplying => "participant_crash_applying",
             Path::ParticipantCrashPrepared => "participant_crash_prepared",
+            Path::ParticipantCrashPrecommitted => "participant_crash_precommitted",
             Path::CatchupCompleted => "catchup_completed",
             Path::VotesLost => "votes_lost",
             Path::VoteNo => "vote_no",
@@ -83,7 +86,7 @@ impl Coverage {
 #[derive(Clone, Debug, Default)]
 pub struct CoverageTally {
     pub seeds: u64,
-    pub counts: [u64; 15],
+    pub counts: [u64; Path::ALL.len()],
 }
 
 impl CoverageTally {

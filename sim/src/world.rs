@@ -6,7 +6,7 @@
 use crate::checkers::{self, atomicity::Atomicity, majority::Majority, Violation};
 use crate::coverage::{Coverage, Path};
 use crate::data_plane::{DataItem, DataPlane};
-use crate::db_model::{Db, Table, Writes};
+use crate::db_model::{Db, Table, Write, Writes};
 use crate::faults::{fmt_t, FaultAction, FaultKind};
 use crate::net::{Fate, Net};
 use crate::params::{rng_for, stream, Params};
@@ -31,6 +31,13 @@ enum CrashWhen {
     SendKinds(Vec<&'static str>),
     /// After any output matching the predicate.
     Matching(OutputPredicate),
+}
+
+/// A scripted fault applied the moment a node emits a matching output (one-shot).
+struct OutputHook {
+    node: NodeId,
+    pred: OutputPredicate,
+    action: FaultAction,
 }
 
 #[derive(Clone)]
@@ -164,6 +171,9 @@ pub struct World {
     stats: Stats,
     settled_at: Option<VTime>,
     trace: Option<Vec<String>>,
+    /// Scripted scenarios only: fault hooks and scripted transactions' writes.
+    hooks: Vec<OutputHook>,
+    scripted: BTreeMap<ClientId, Vec<Write>>,
 }
 
 macro_rules! tr {
@@ -253,6 +263,8 @@ impl World {
             stats: Stats::default(),
             settled_at: None,
             trace: if trace { Some(Vec::new()) } else { None },
+            hooks: Vec::new(),
+            scripted: BTreeMap::new(),
             params,
         };
         for id in 1..=n as NodeId {
@@ -295,6 +307,42 @@ impl World {
             until,
             restart_after,
         });
+    }
+
+    /// Apply `action` the moment `node` emits an output matching `pred`
+    /// (right after that output is released, during the safety phase;
+    /// one-shot). Several hooks may match the same output: they fire in the
+    /// order they were added.
+    pub fn on_output(
+        &mut self,
+        node: NodeId,
+        pred: impl Fn(&Output) -> bool + 'static,
+        action: FaultAction,
+    ) {
+        self.hooks.push(OutputHook {
+            node,
+            pred: Rc::new(pred),
+            action,
+        });
+    }
+
+    /// A one-off client that, at `at`, writes `writes` on `node` in one
+    /// transaction and asks to commit it (retrying while the node refuses
+    /// work or a row is locked, never after the request was sent). Returns
+    /// its client id, as it appears in `reply to client N` trace lines.
+    pub fn script_tx(&mut self, at: VTime, node: NodeId, writes: Vec<Write>) -> ClientId {
+        let i = self.clients.len();
+        let id = ClientId(i as u64 + 1);
+        self.clients.push(Client {
+            id,
+            kind: ClientKind::Scripted { node },
+            state: ClientState::Idle,
+            rng: rng_for(self.params.seed, stream::CLIENT_BASE + i as u64),
+            counter: 0,
+        });
+        self.scripted.insert(id, writes);
+        self.push(at, Ev::Client { idx: i });
+        id
     }
 
     /// Process every event up to and including time `t` (or until done).
@@ -511,6 +559,7 @@ impl World {
             .and_then(|n| n.poll_output())
         {
             let crash_now = self.trigger_fires(id, &out);
+            let hooked = self.hooks_firing(id, &out);
             match out {
                 Output::Persist(op) => {
                     tr!(self, id, "persist {:?}", op);
@@ -520,6 +569,9 @@ impl World {
                 Output::Db(cmd) => self.submit_db(id, cmd),
                 Output::Reply { client, outcome } => self.on_reply(id, client, outcome),
                 Output::Event(e) => self.on_event(id, e),
+            }
+            for action in hooked {
+                self.apply_fault(action);
             }
             if crash_now {
                 let restart_after = self.slot(id).trigger.as_ref().and_then(|t| t.restart_after);
@@ -532,6 +584,23 @@ impl World {
             }
         }
         self.schedule_tick(id);
+    }
+
+    /// Take the hooks of `id` that `out` fires (none in seeded runs).
+    fn hooks_firing(&mut self, id: NodeId, out: &Output) -> Vec<FaultAction> {
+        if self.hooks.is_empty() || self.phase != Phase::Safety {
+            return Vec::new();
+        }
+        let mut fired = Vec::new();
+        let mut i = 0;
+        while i < self.hooks.len() {
+            if self.hooks[i].node == id && (self.hooks[i].pred)(out) {
+                fired.push(self.hooks.remove(i).action);
+            } else {
+                i += 1;
+            }
+        }
+        fired
     }
 
     fn trigger_fires(&self, id: NodeId, out: &Output) -> bool {
@@ -912,6 +981,12 @@ impl World {
         let node = match self.clients[idx].kind {
             ClientKind::SeedMix { node } => node,
             ClientKind::Bank => self.clients[idx].rng.gen_range(1..=nodes as NodeId),
+            ClientKind::Scripted { node } => {
+                if self.clients[idx].counter > 0 {
+                    return; // sent once already
+                }
+                node
+            }
         };
         let s = self.slot(node);
         let accepts =
@@ -927,6 +1002,10 @@ impl World {
         let res = match c.kind {
             ClientKind::SeedMix { .. } => workload::seed_mix(db, c, node, nodes, local),
             ClientKind::Bank => workload::bank_transfer(db, c),
+            ClientKind::Scripted { .. } => {
+                let writes = self.scripted.get(&c.id).map_or(&[][..], |w| &w[..]);
+                workload::scripted(db, c, writes)
+            }
         };
         let cid = c.id;
         if res.is_err() || db.session_writes(cid).unwrap_or(&[]).is_empty() {
@@ -1014,8 +1093,13 @@ impl World {
         if node.applying().next().is_some() {
             self.coverage.hit(Path::ParticipantCrashApplying);
         }
-        if node.in_doubt().next().is_some() {
-            self.coverage.hit(Path::ParticipantCrashPrepared);
+        // In doubt on a participant: voted yes only, or also accepted the precommit.
+        for gid in node.in_doubt().filter(|g| g.origin != id) {
+            let accepted = node.durable().txs.get(&gid).and_then(|r| r.accepted);
+            self.coverage.hit(match accepted {
+                Some(_) => Path::ParticipantCrashPrecommitted,
+                None => Path::ParticipantCrashPrepared,
+            });
         }
         let now = self.now;
         let s = self.slot_mut(id);
