@@ -21,6 +21,9 @@ pub enum ClientKind {
     SeedMix { node: NodeId },
     /// Picks a random node per transaction.
     Bank,
+    /// One transaction with fixed writes on a fixed node, scripted by a
+    /// test through [`crate::World::script_tx`]; never retried once sent.
+    Scripted { node: NodeId },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -151,6 +154,16 @@ pub fn bank_transfer(db: &mut Db, client: &mut Client) -> Result<(), TxError> {
             value: Some(RowValue::Balance(bt + amount)),
         },
     );
+    Ok(())
+}
+
+/// A scripted client's fixed writes, in order.
+pub fn scripted(db: &mut Db, client: &mut Client, writes: &[Write]) -> Result<(), TxError> {
+    for w in writes {
+        lock(db, client.id, w.table, w.id)?;
+        db.write(client.id, *w);
+    }
+    client.counter += 1;
     Ok(())
 }
 

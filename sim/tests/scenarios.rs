@@ -1,0 +1,508 @@
+//! Named protocol scenarios: scripted faults at chosen protocol steps, each
+//! checked by the simulator's checkers (atomicity, durability, convergence,
+//! liveness) and pinned as an `insta` snapshot of the filtered event trace,
+//! so any change of protocol behaviour shows up as a reviewed diff.
+//!
+//! Every world is calm (no random faults), has 3 nodes and no background
+//! clients: the only transactions are the scripted ones. Regenerate the
+//! snapshots with `INSTA_UPDATE=always cargo test -p mm-sim --test scenarios`
+//! and review the diff.
+
+use mm_core::{
+    AbortReason, Ballot, DbCmd, DurableOp, Event, Gid, Message, NodeId, Output, ResolveRule,
+};
+use mm_sim::db_model::{RowValue, Table, Write};
+use mm_sim::faults::FaultAction;
+use mm_sim::time_util::{VTime, SEC};
+use mm_sim::{Params, SeedReport, World};
+
+const SEED: u64 = 1;
+
+/// A calm 3-node world with no background clients, traced.
+fn world() -> World {
+    let mut p = Params::calm(SEED, 3);
+    p.workload.seed_clients_per_node = vec![0; 3];
+    p.workload.bank_clients = 0;
+    World::new(p, true)
+}
+
+/// One row of the seed's table.
+fn row(id: u64, info: u64) -> Write {
+    Write {
+        table: Table::Mm,
+        id,
+        value: Some(RowValue::Mm { info, mod_time: 0 }),
+    }
+}
+
+// ---- output predicates ----
+
+/// `node` persisted its own precommit (ballot zero, commit) of a transaction it coordinates.
+fn persists_own_precommit(node: NodeId) -> impl Fn(&Output) -> bool {
+    move |o| {
+        matches!(o, Output::Persist(DurableOp::Tx(g, r))
+            if g.origin == node && r.accepted == Some((Ballot::COORDINATOR, true)))
+    }
+}
+
+/// The coordinator's precommit (`Accept` at ballot zero) leaves for `to`.
+fn sends_precommit_to(to: NodeId) -> impl Fn(&Output) -> bool {
+    move |o| {
+        matches!(o, Output::Send { to: t, msg: Message::Accept { ballot, commit: true, .. } }
+            if *t == to && *ballot == Ballot::COORDINATOR)
+    }
+}
+
+fn sends_yes_vote(o: &Output) -> bool {
+    matches!(
+        o,
+        Output::Send {
+            msg: Message::TxVote { yes: true, .. },
+            ..
+        }
+    )
+}
+
+fn sends_commit_decision_to(to: NodeId) -> impl Fn(&Output) -> bool {
+    move |o| matches!(o, Output::Send { to: t, msg: Message::Decision { commit: true, .. } } if *t == to)
+}
+
+// ---- trace filtering ----
+
+/// The protocol story of a run: transaction, membership, resolver and
+/// catch-up lines, faults and crashes. Dropped: heartbeats and the campaign
+/// messages (the `CampaignStarted` / `GenerationAdopted` events tell it).
+/// Debug forms are shortened: gids as `mm-o-b.s-g`, ballots as
+/// `b<round>.<node>`, node sets as `{1,2}`.
+fn story(r: &SeedReport) -> String {
+    let trace = r.trace.as_ref().expect("traced run");
+    trace
+        .iter()
+        .filter(|l| {
+            !["Heartbeat", "Propose", "GenVote", "NewGen"]
+                .iter()
+                .any(|k| l.contains(k))
+        })
+        .map(|l| shorten(l))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn shorten(l: &str) -> String {
+    let mut s = l.to_string();
+    s = rewrite(&s, "Gid { ", |f| {
+        format!("mm-{}-{}.{}-{}", f[0], f[1], f[2], f[3])
+    });
+    s = rewrite(&s, "Ballot { ", |f| format!("b{}.{}", f[0], f[1]));
+    s = rewrite_nodeset(&s);
+    s.replace("ClientId(", "client(")
+}
+
+/// Replace every `<prefix>a: 1, b: 2 }` by `f(["1", "2"])`.
+fn rewrite(s: &str, prefix: &str, f: impl Fn(&[&str]) -> String) -> String {
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some(i) = rest.find(prefix) {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + prefix.len()..];
+        let end = after.find(" }").expect("closing brace");
+        let fields: Vec<&str> = after[..end]
+            .split(", ")
+            .map(|kv| kv.split_once(": ").map_or(kv, |(_, v)| v))
+            .collect();
+        out.push_str(&f(&fields));
+        rest = &after[end + 2..];
+    }
+    out.push_str(rest);
+    out
+}
+
+fn rewrite_nodeset(s: &str) -> String {
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some(i) = rest.find("NodeSet(") {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + "NodeSet(".len()..];
+        let end = after.find(')').expect("closing paren");
+        let bits: u32 = after[..end].parse().expect("bitmask");
+        let ids: Vec<String> = (0..32)
+            .filter(|b| bits & (1 << b) != 0)
+            .map(|b| b.to_string())
+            .collect();
+        out.push_str(&format!("{{{}}}", ids.join(",")));
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Scripted transactions start after this: the cluster has exchanged a few
+/// heartbeat rounds, so failure detection runs on the heartbeat timeout.
+const WARM: VTime = SEC;
+
+/// Run both phases to the end. The run must settle with no violation
+/// (atomicity, durability, convergence, majority, liveness, every client
+/// answered). Returns the report and the value of `key` on nodes 1..=3.
+fn settle(mut w: World, key: u64) -> (SeedReport, Vec<Option<RowValue>>) {
+    w.run_until(VTime::MAX);
+    let rows = (1..=3).map(|id| w.db(id).get((Table::Mm, key))).collect();
+    let r = w.finish();
+    assert!(
+        r.violations.is_empty(),
+        "violations: {:#?}\n{}",
+        r.violations,
+        story(&r)
+    );
+    assert!(r.settle_time.is_some(), "did not settle");
+    (r, rows)
+}
+
+/// Whether `node` emitted exactly this event.
+fn emitted(r: &SeedReport, node: NodeId, e: &Event) -> bool {
+    let needle = format!(" n{node} event {e:?}");
+    r.trace
+        .as_ref()
+        .unwrap()
+        .iter()
+        .any(|l| l.ends_with(&needle))
+}
+
+fn has_line(r: &SeedReport, needle: &str) -> bool {
+    r.trace.as_ref().unwrap().iter().any(|l| l.contains(needle))
+}
+
+fn gid(origin: NodeId, boot: u32, seq: u32, gen: u64) -> Gid {
+    Gid {
+        origin,
+        boot,
+        seq,
+        gen,
+    }
+}
+
+fn value(info: u64) -> Option<RowValue> {
+    Some(RowValue::Mm { info, mod_time: 0 })
+}
+
+/// The line a node's send of `msg` to `to` leaves in the trace (delivered or not).
+fn sent(r: &SeedReport, from: NodeId, to: NodeId, msg: &Message) -> bool {
+    let needle = format!(" n{from} -> n{to} {msg:?}");
+    has_line(r, &needle)
+}
+
+/// The coordinator persists its precommit and crashes before the `Accept`
+/// leaves: nobody else accepted anything, so the surviving majority's
+/// resolver finds nothing accepted and aborts. The coordinator comes back at
+/// the end of the safety phase, holding a precommit that lost: its own
+/// resolver learns the abort, rolls back, and it catches up and rejoins.
+#[test]
+fn coordinator_crashes_after_persisting_precommit() {
+    let mut w = world();
+    w.script_tx(WARM, 1, vec![row(1, 1)]);
+    w.crash_after_output(1, 5 * SEC, None, persists_own_precommit(1));
+    let (r, rows) = settle(w, 1);
+    let g = gid(1, 0, 1, 1);
+    assert!(has_line(&r, "n1 CRASH mid-batch"));
+    assert!(emitted(
+        &r,
+        2,
+        &Event::ResolverDecided {
+            gid: g,
+            commit: false,
+            rule: ResolveRule::NothingAccepted
+        }
+    ));
+    assert!(emitted(
+        &r,
+        1,
+        &Event::ResolverDecided {
+            gid: g,
+            commit: false,
+            rule: ResolveRule::AlreadyDecided
+        }
+    ));
+    assert!(emitted(
+        &r,
+        1,
+        &Event::CatchupCompleted {
+            donor: 2,
+            upto_gen: Some(3)
+        }
+    ));
+    assert_eq!(
+        (r.committed, r.aborted),
+        (0, 0),
+        "the client lost its connection"
+    );
+    assert_eq!(rows, vec![None; 3]);
+    insta::assert_snapshot!(story(&r));
+}
+
+/// The coordinator crashes right after its precommit reached the wire: both
+/// participants accept ballot zero, their acks find it down, and the
+/// majority's resolver sees the accepted precommit and commits it (rule
+/// `HighestAccepted`). The coordinator returns, learns the commit and
+/// catches up.
+#[test]
+fn coordinator_crashes_after_precommit() {
+    let mut w = world();
+    w.script_tx(WARM, 1, vec![row(1, 1)]);
+    w.crash_after_output(1, 5 * SEC, None, sends_precommit_to(3));
+    let (r, rows) = settle(w, 1);
+    let g = gid(1, 0, 1, 1);
+    assert!(emitted(
+        &r,
+        2,
+        &Event::ResolverDecided {
+            gid: g,
+            commit: true,
+            rule: ResolveRule::HighestAccepted
+        }
+    ));
+    assert!(emitted(
+        &r,
+        1,
+        &Event::ResolverDecided {
+            gid: g,
+            commit: true,
+            rule: ResolveRule::AlreadyDecided
+        }
+    ));
+    assert!(emitted(
+        &r,
+        1,
+        &Event::CatchupCompleted {
+            donor: 2,
+            upto_gen: Some(3)
+        }
+    ));
+    assert_eq!(rows, vec![value(1); 3]);
+    insta::assert_snapshot!(story(&r));
+}
+
+/// A participant crashes right after its yes vote leaves: the coordinator
+/// precommits with the other participant and commits on a quorum of two;
+/// the client is told `Committed`. The participant restarts 1 s later with
+/// the transaction prepared, its resolver learns the commit
+/// (`AlreadyDecided`), and it catches up into the next generation.
+#[test]
+fn participant_crashes_after_prepare() {
+    let mut w = world();
+    w.script_tx(WARM, 1, vec![row(1, 1)]);
+    w.crash_after_output(2, 5 * SEC, Some(SEC), sends_yes_vote);
+    let (r, rows) = settle(w, 1);
+    let g = gid(1, 0, 1, 1);
+    assert!(has_line(&r, "n2 CRASH mid-batch"));
+    assert!(has_line(&r, "n2 RESTART with 1 prepared in db"));
+    assert!(emitted(
+        &r,
+        2,
+        &Event::ResolverDecided {
+            gid: g,
+            commit: true,
+            rule: ResolveRule::AlreadyDecided
+        }
+    ));
+    assert!(emitted(
+        &r,
+        2,
+        &Event::CatchupCompleted {
+            donor: 1,
+            upto_gen: Some(3)
+        }
+    ));
+    assert_eq!((r.committed, r.aborted), (1, 0));
+    assert_eq!(rows, vec![value(1); 3]);
+    insta::assert_snapshot!(story(&r));
+}
+
+/// Partition during vote collection: a participant is cut off right after
+/// preparing, so its yes vote is lost. The coordinator aborts on the vote
+/// timeout (before the heartbeat timeout changes the generation). When the
+/// partition heals, the isolated participant's resolver learns the abort
+/// and rolls its prepared copy back.
+#[test]
+fn partition_during_vote_collection() {
+    let mut w = world();
+    w.script_tx(WARM, 1, vec![row(1, 1)]);
+    w.on_output(3, sends_yes_vote, FaultAction::Isolate { node: 3 });
+    w.inject(5 * SEC, FaultAction::HealLinks);
+    let (r, rows) = settle(w, 1);
+    let g = gid(1, 0, 1, 1);
+    assert!(emitted(
+        &r,
+        1,
+        &Event::CoordinatorAborted {
+            gid: g,
+            reason: AbortReason::VoteTimeout
+        }
+    ));
+    assert!(emitted(
+        &r,
+        3,
+        &Event::ResolverDecided {
+            gid: g,
+            commit: false,
+            rule: ResolveRule::AlreadyDecided
+        }
+    ));
+    assert_eq!((r.committed, r.aborted), (0, 1));
+    assert_eq!(rows, vec![None; 3]);
+    insta::assert_snapshot!(story(&r));
+}
+
+/// Partition after precommit, before the acks: the moment the precommit
+/// leaves, the links back to the coordinator are cut, so both participants
+/// accept but their acks are dropped. The participants form a generation
+/// without the coordinator and their resolver commits the accepted
+/// precommit (`HighestAccepted`). After the heal the coordinator's own
+/// resolver learns the commit and the waiting client is told `Committed`.
+#[test]
+fn partition_after_precommit_before_acks() {
+    let mut w = world();
+    w.script_tx(WARM, 1, vec![row(1, 1)]);
+    w.on_output(
+        1,
+        sends_precommit_to(3),
+        FaultAction::OneWay { from: 2, to: 1 },
+    );
+    w.on_output(
+        1,
+        sends_precommit_to(3),
+        FaultAction::OneWay { from: 3, to: 1 },
+    );
+    w.inject(5 * SEC, FaultAction::HealLinks);
+    let (r, rows) = settle(w, 1);
+    let g = gid(1, 0, 1, 1);
+    assert!(has_line(&r, "n2 -> n1 Accepted dropped"));
+    assert!(emitted(
+        &r,
+        2,
+        &Event::ResolverDecided {
+            gid: g,
+            commit: true,
+            rule: ResolveRule::HighestAccepted
+        }
+    ));
+    assert!(emitted(
+        &r,
+        1,
+        &Event::ResolverDecided {
+            gid: g,
+            commit: true,
+            rule: ResolveRule::AlreadyDecided
+        }
+    ));
+    assert_eq!((r.committed, r.aborted), (1, 0));
+    assert_eq!(rows, vec![value(1); 3]);
+    insta::assert_snapshot!(story(&r));
+}
+
+/// Partition during commit-decision delivery: the coordinator has decided
+/// commit (quorum of acks) and a participant is cut off between the two
+/// `Decision` sends, so it stays in doubt with an accepted precommit. The
+/// rest form a generation without it; after the heal its resolver learns
+/// the commit (`AlreadyDecided`) and it catches up.
+#[test]
+fn partition_during_decision_delivery() {
+    let mut w = world();
+    w.script_tx(WARM, 1, vec![row(1, 1)]);
+    w.on_output(
+        1,
+        sends_commit_decision_to(2),
+        FaultAction::Isolate { node: 3 },
+    );
+    w.inject(5 * SEC, FaultAction::HealLinks);
+    let (r, rows) = settle(w, 1);
+    let g = gid(1, 0, 1, 1);
+    assert!(has_line(&r, "n1 -> n3 Decision dropped"));
+    assert!(emitted(
+        &r,
+        3,
+        &Event::ResolverDecided {
+            gid: g,
+            commit: true,
+            rule: ResolveRule::AlreadyDecided
+        }
+    ));
+    assert!(emitted(
+        &r,
+        3,
+        &Event::CatchupCompleted {
+            donor: 1,
+            upto_gen: Some(3)
+        }
+    ));
+    assert_eq!((r.committed, r.aborted), (1, 0));
+    assert_eq!(rows, vec![value(1); 3]);
+    insta::assert_snapshot!(story(&r));
+}
+
+/// A node returns mid-transaction: n3 crashes, the others form generation 2
+/// and commit a first transaction; n3 restarts the moment the coordinator
+/// prepares a second one. The data plane delivers both to n3, which is not
+/// a member of generation 2: it discards them and votes no, a vote that does
+/// not count, so the second transaction commits with n1 and n2. n3 then
+/// catches up both committed transactions and joins generation 3.
+#[test]
+fn node_returns_mid_transaction() {
+    let mut w = world();
+    w.inject(WARM, FaultAction::Crash { node: 3 });
+    w.script_tx(5 * SEC, 1, vec![row(1, 1)]);
+    w.script_tx(6 * SEC, 1, vec![row(4, 2)]);
+    w.on_output(
+        1,
+        |o| matches!(o, Output::Db(DbCmd::PrepareLocal { gid, .. }) if gid.seq == 2),
+        FaultAction::Restart { node: 3 },
+    );
+    let (r, rows) = settle(w, 4);
+    let g2 = gid(1, 0, 2, 2);
+    assert!(has_line(&r, "n3 RESTART"));
+    assert!(sent(
+        &r,
+        3,
+        1,
+        &Message::TxVote {
+            gid: g2,
+            yes: false
+        }
+    ));
+    assert!(has_line(&r, "n3 catch-up from n1 applied 2/2 txs"));
+    assert!(emitted(
+        &r,
+        3,
+        &Event::CatchupCompleted {
+            donor: 1,
+            upto_gen: Some(3)
+        }
+    ));
+    assert_eq!((r.committed, r.aborted), (2, 0));
+    assert_eq!(rows, vec![value(2); 3]);
+    insta::assert_snapshot!(story(&r));
+}
+
+/// Two coordinators write the same row at the same moment. Each holds the
+/// row locked by its own prepared transaction, so applying the other's fails
+/// and it votes no; n3 prepares whichever arrives first and votes no on the
+/// other. Both coordinators abort with `VoteNo` and the row stays absent.
+#[test]
+fn two_coordinators_conflict_on_one_row() {
+    let mut w = world();
+    w.script_tx(WARM, 1, vec![row(7, 1)]);
+    w.script_tx(WARM, 2, vec![row(7, 2)]);
+    let (r, rows) = settle(w, 7);
+    for origin in [1, 2] {
+        let g = gid(origin, 0, 1, 1);
+        assert!(emitted(
+            &r,
+            origin,
+            &Event::CoordinatorAborted {
+                gid: g,
+                reason: AbortReason::VoteNo
+            }
+        ));
+    }
+    assert_eq!((r.committed, r.aborted), (0, 2));
+    assert_eq!(rows, vec![None; 3]);
+    insta::assert_snapshot!(story(&r));
+}
