@@ -6,7 +6,7 @@
 //! generations' member sets always intersect (see docs/protocol.md).
 
 use crate::durable::DurableOp;
-use crate::ids::{NodeId, NodeSet};
+use crate::ids::{NodeId, NodeSet, Time};
 use crate::messages::{Generation, Message, NodeStatus};
 use crate::node::{Campaign, Node};
 use crate::{AbortReason, Event};
@@ -136,6 +136,16 @@ impl Node {
         if clique.len() < self.quorum(clique) {
             return None;
         }
+        // Right after boot a member we never heard from may simply not have
+        // connected yet: voting it out would only churn generations.
+        let booting = self.now < self.booted_at + self.cfg.heartbeat_timeout;
+        if booting
+            && g.members
+                .iter()
+                .any(|m| m != me && self.peers[m as usize].last_heard.is_none())
+        {
+            return None;
+        }
         // A newer generation exists among our peers: let its members repair us.
         if clique
             .iter()
@@ -185,8 +195,23 @@ impl Node {
 
     fn maybe_campaign(&mut self) {
         let Some(members) = self.desired_members() else {
+            self.wanted = None;
             return;
         };
+        // Views lag by up to a heartbeat (a peer's first heartbeat may not
+        // list us yet): act only on a wish that held for two intervals.
+        match self.wanted {
+            Some((w, since)) if w == members => {
+                if self.now < since + Time(self.cfg.heartbeat_interval.0 * 2) {
+                    return;
+                }
+            }
+            _ => {
+                self.wanted = Some((members, self.now));
+                return;
+            }
+        }
+        self.wanted = None;
         let highest_seen = members
             .iter()
             .filter(|&n| n != self.cfg.id)

@@ -85,6 +85,8 @@ pub(crate) struct CatchupJob {
 pub struct Node {
     pub(crate) cfg: Config,
     pub(crate) now: Time,
+    /// When this incarnation started: peers get one heartbeat timeout to show up.
+    pub(crate) booted_at: Time,
     pub(crate) durable: DurableState,
     pub(crate) status: NodeStatus,
     pub(crate) out: VecDeque<Output>,
@@ -95,6 +97,8 @@ pub struct Node {
     pub(crate) next_heartbeat: Time,
     pub(crate) campaign: Option<Campaign>,
     pub(crate) next_campaign: Time,
+    /// The membership this node would campaign for, and since when it has wanted it.
+    pub(crate) wanted: Option<(NodeSet, Time)>,
     /// Highest generation number promised by anyone, as learnt from refusals.
     pub(crate) highest_promise_seen: u64,
 
@@ -122,10 +126,9 @@ pub struct Node {
 impl Node {
     /// A node of a freshly initialised cluster (generation 1, every node online).
     pub fn new(cfg: Config, now: Time) -> Node {
+        // Isolated until heartbeats show a majority, like any other start.
         let durable = DurableState::bootstrap(cfg.nodes);
-        let mut node = Node::with_state(cfg, durable, now);
-        node.status = NodeStatus::Online;
-        node
+        Node::with_state(cfg, durable, now)
     }
 
     /// A node restarting after a crash: its durable state and the gids its
@@ -158,6 +161,7 @@ impl Node {
         let peers = vec![PeerView::default(); cfg.nodes + 1];
         Node {
             now,
+            booted_at: now,
             durable,
             status: NodeStatus::Isolated,
             out: VecDeque::new(),
@@ -166,6 +170,7 @@ impl Node {
             next_heartbeat: now,
             campaign: None,
             next_campaign: now,
+            wanted: None,
             highest_promise_seen: 0,
             seq: 0,
             coord: BTreeMap::new(),
