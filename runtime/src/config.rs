@@ -1,0 +1,422 @@
+//! One TOML file per node.
+//!
+//! ```toml
+//! cluster_id = "demo"
+//! node_id = 1
+//! secret = "s3cret"          # or: secret_file = "/path" (exactly one of them)
+//! [listen]
+//! mesh = "127.0.0.1:7101"    # control-plane mesh
+//! client = "127.0.0.1:6101"  # PostgreSQL wire protocol proxy
+//! [postgres]
+//! conninfo = "host=127.0.0.1 port=5501 user=postgres dbname=postgres"
+//! [[nodes]]                  # every node of the cluster, this one included
+//! id = 1
+//! mesh = "127.0.0.1:7101"
+//! [[nodes]]
+//! id = 2
+//! mesh = "127.0.0.1:7102"
+//! [timeouts]                 # optional, milliseconds; defaults from mm_core::Config::new
+//! heartbeat_interval_ms = 200
+//! heartbeat_timeout_ms = 2000
+//! ```
+//!
+//! [`NodeConfig::load`] / [`NodeConfig::parse`] validate everything up front,
+//! so a [`NodeConfig`] in hand is always usable: unknown keys, an impossible
+//! cluster, a missing secret or a bad address are reported with the key and
+//! value at fault.
+
+use mm_core::{NodeId, Time};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+/// Largest cluster `mm_core::Config::try_new` accepts (sizes `1..MAX_NODES`).
+pub const MAX_CLUSTER_SIZE: usize = mm_core::ids::MAX_NODES - 1;
+
+/// Why a configuration file was rejected. Every message names the key or
+/// value at fault.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Syntax errors, unknown keys, missing keys, wrong types (from `toml`,
+    /// whose message names the key and the line).
+    #[error("invalid config: {0}")]
+    Syntax(#[from] toml::de::Error),
+    #[error("cluster_id must not be empty")]
+    EmptyClusterId,
+    #[error("the cluster has {count} [[nodes]]; mm supports 1 to {MAX_CLUSTER_SIZE}")]
+    ClusterSize { count: usize },
+    #[error("[[nodes]] lists id {id} more than once")]
+    DuplicateNodeId { id: NodeId },
+    #[error("[[nodes]] ids must be exactly 1..={count} (one per node), got {ids:?}")]
+    NodeIdsNotContiguous { count: usize, ids: Vec<NodeId> },
+    #[error("node_id = {node_id} is not among the [[nodes]] ids {ids:?}")]
+    NodeIdNotListed { node_id: NodeId, ids: Vec<NodeId> },
+    #[error("nodes {a} and {b} have the same mesh address {addr}")]
+    DuplicateMeshAddress {
+        a: NodeId,
+        b: NodeId,
+        addr: SocketAddr,
+    },
+    #[error("no secret: set exactly one of `secret` or `secret_file`")]
+    MissingSecret,
+    #[error("both `secret` and `secret_file` are set: set exactly one of them")]
+    BothSecrets,
+    #[error("`secret` is empty")]
+    EmptySecret,
+    #[error("secret_file {} is empty", path.display())]
+    EmptySecretFile { path: PathBuf },
+    #[error("cannot read secret_file {}: {source}", path.display())]
+    SecretFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{key} = {value:?} is not a socket address (expected ip:port, e.g. \"127.0.0.1:7101\"): {reason}")]
+    BadAddress {
+        key: String,
+        value: String,
+        reason: String,
+    },
+    #[error("timeouts.{key} must be greater than 0")]
+    ZeroTimeout { key: &'static str },
+    #[error(
+        "timeouts.heartbeat_timeout_ms ({timeout}) must be greater than \
+         timeouts.heartbeat_interval_ms ({interval})"
+    )]
+    HeartbeatTimeout { interval: u64, timeout: u64 },
+    /// A mesh configuration built by hand is inconsistent.
+    #[error("invalid mesh configuration: {0}")]
+    Mesh(String),
+}
+
+/// A validated node configuration. `Debug` redacts the secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct NodeConfig {
+    pub cluster_id: String,
+    pub node_id: NodeId,
+    /// The shared secret of the mesh handshake, from `secret` (UTF-8 bytes)
+    /// or `secret_file` (file contents without trailing whitespace/newlines).
+    pub secret: Vec<u8>,
+    pub listen: ListenConfig,
+    pub postgres: PostgresConfig,
+    /// Every node of the cluster, this one included, by id (`1..=N`).
+    pub nodes: BTreeMap<NodeId, NodeEntry>,
+    pub timeouts: Timeouts,
+}
+
+impl std::fmt::Debug for NodeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeConfig")
+            .field("cluster_id", &self.cluster_id)
+            .field("node_id", &self.node_id)
+            .field("secret", &"<redacted>")
+            .field("listen", &self.listen)
+            .field("postgres", &self.postgres)
+            .field("nodes", &self.nodes)
+            .field("timeouts", &self.timeouts)
+            .finish()
+    }
+}
+
+impl std::fmt::Display for NodeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "cluster {:?}, node {} of {}, mesh {}, client {}",
+            self.cluster_id,
+            self.node_id,
+            self.nodes.len(),
+            self.listen.mesh,
+            self.listen.client
+        )
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListenConfig {
+    /// Where this node's control-plane mesh listens.
+    pub mesh: SocketAddr,
+    /// Where this node's PostgreSQL wire protocol proxy listens.
+    pub client: SocketAddr,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PostgresConfig {
+    /// libpq-style connection string of the local PostgreSQL server.
+    pub conninfo: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeEntry {
+    pub id: NodeId,
+    /// The node's mesh address as its peers dial it.
+    pub mesh: SocketAddr,
+}
+
+/// Protocol timeouts in milliseconds, defaults filled in from
+/// `mm_core::Config::new`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    pub tick_interval_ms: u64,
+    pub heartbeat_interval_ms: u64,
+    pub heartbeat_timeout_ms: u64,
+    pub vote_timeout_ms: u64,
+    pub resolve_after_ms: u64,
+    pub retry_interval_ms: u64,
+    pub catchup_timeout_ms: u64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Timeouts {
+        let c = mm_core::Config::new(1, 1);
+        Timeouts {
+            tick_interval_ms: c.tick_interval.as_millis(),
+            heartbeat_interval_ms: c.heartbeat_interval.as_millis(),
+            heartbeat_timeout_ms: c.heartbeat_timeout.as_millis(),
+            vote_timeout_ms: c.vote_timeout.as_millis(),
+            resolve_after_ms: c.resolve_after.as_millis(),
+            retry_interval_ms: c.retry_interval.as_millis(),
+            catchup_timeout_ms: c.catchup_timeout.as_millis(),
+        }
+    }
+}
+
+// ---- the file as written ------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    cluster_id: String,
+    node_id: NodeId,
+    secret: Option<String>,
+    secret_file: Option<PathBuf>,
+    listen: RawListen,
+    postgres: RawPostgres,
+    #[serde(default)]
+    nodes: Vec<RawNode>,
+    #[serde(default)]
+    timeouts: RawTimeouts,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListen {
+    mesh: String,
+    client: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPostgres {
+    conninfo: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    id: NodeId,
+    mesh: String,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTimeouts {
+    tick_interval_ms: Option<u64>,
+    heartbeat_interval_ms: Option<u64>,
+    heartbeat_timeout_ms: Option<u64>,
+    vote_timeout_ms: Option<u64>,
+    resolve_after_ms: Option<u64>,
+    retry_interval_ms: Option<u64>,
+    catchup_timeout_ms: Option<u64>,
+}
+
+fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value
+        .trim()
+        .parse::<SocketAddr>()
+        .map_err(|e| ConfigError::BadAddress {
+            key: key.to_string(),
+            value: value.to_string(),
+            reason: e.to_string(),
+        })
+}
+
+fn trim_trailing_whitespace(mut v: Vec<u8>) -> Vec<u8> {
+    while v.last().is_some_and(|b| b.is_ascii_whitespace()) {
+        v.pop();
+    }
+    v
+}
+
+impl NodeConfig {
+    /// Reads and validates a config file. A relative `secret_file` is
+    /// resolved against the config file's directory.
+    pub fn load(path: impl AsRef<Path>) -> Result<NodeConfig, ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse_in(&text, path.parent())
+    }
+
+    /// Parses and validates config text. A relative `secret_file` is
+    /// resolved against the current directory.
+    pub fn parse(text: &str) -> Result<NodeConfig, ConfigError> {
+        Self::parse_in(text, None)
+    }
+
+    fn parse_in(text: &str, base: Option<&Path>) -> Result<NodeConfig, ConfigError> {
+        let raw: RawConfig = toml::from_str(text)?;
+
+        if raw.cluster_id.trim().is_empty() {
+            return Err(ConfigError::EmptyClusterId);
+        }
+
+        // Cluster shape.
+        let count = raw.nodes.len();
+        if !(1..=MAX_CLUSTER_SIZE).contains(&count) {
+            return Err(ConfigError::ClusterSize { count });
+        }
+        let mut nodes = BTreeMap::new();
+        for n in &raw.nodes {
+            let mesh = parse_addr(&format!("nodes[id = {}].mesh", n.id), &n.mesh)?;
+            if nodes.insert(n.id, NodeEntry { id: n.id, mesh }).is_some() {
+                return Err(ConfigError::DuplicateNodeId { id: n.id });
+            }
+        }
+        let ids: Vec<NodeId> = nodes.keys().copied().collect();
+        if ids.iter().copied().ne(1..=count as NodeId) {
+            return Err(ConfigError::NodeIdsNotContiguous { count, ids });
+        }
+        if !nodes.contains_key(&raw.node_id) {
+            return Err(ConfigError::NodeIdNotListed {
+                node_id: raw.node_id,
+                ids,
+            });
+        }
+        let mut seen: BTreeMap<SocketAddr, NodeId> = BTreeMap::new();
+        for n in nodes.values() {
+            if let Some(&a) = seen.get(&n.mesh) {
+                return Err(ConfigError::DuplicateMeshAddress {
+                    a,
+                    b: n.id,
+                    addr: n.mesh,
+                });
+            }
+            seen.insert(n.mesh, n.id);
+        }
+
+        // Secret.
+        let secret = match (raw.secret, raw.secret_file) {
+            (None, None) => return Err(ConfigError::MissingSecret),
+            (Some(_), Some(_)) => return Err(ConfigError::BothSecrets),
+            (Some(s), None) => {
+                if s.is_empty() {
+                    return Err(ConfigError::EmptySecret);
+                }
+                s.into_bytes()
+            }
+            (None, Some(file)) => {
+                let path = match base {
+                    Some(b) if file.is_relative() => b.join(&file),
+                    _ => file,
+                };
+                let bytes = std::fs::read(&path).map_err(|source| ConfigError::SecretFile {
+                    path: path.clone(),
+                    source,
+                })?;
+                let bytes = trim_trailing_whitespace(bytes);
+                if bytes.is_empty() {
+                    return Err(ConfigError::EmptySecretFile { path });
+                }
+                bytes
+            }
+        };
+
+        // Addresses.
+        let listen = ListenConfig {
+            mesh: parse_addr("listen.mesh", &raw.listen.mesh)?,
+            client: parse_addr("listen.client", &raw.listen.client)?,
+        };
+
+        // Timeouts.
+        let d = Timeouts::default();
+        let t = raw.timeouts;
+        let timeouts = Timeouts {
+            tick_interval_ms: t.tick_interval_ms.unwrap_or(d.tick_interval_ms),
+            heartbeat_interval_ms: t.heartbeat_interval_ms.unwrap_or(d.heartbeat_interval_ms),
+            heartbeat_timeout_ms: t.heartbeat_timeout_ms.unwrap_or(d.heartbeat_timeout_ms),
+            vote_timeout_ms: t.vote_timeout_ms.unwrap_or(d.vote_timeout_ms),
+            resolve_after_ms: t.resolve_after_ms.unwrap_or(d.resolve_after_ms),
+            retry_interval_ms: t.retry_interval_ms.unwrap_or(d.retry_interval_ms),
+            catchup_timeout_ms: t.catchup_timeout_ms.unwrap_or(d.catchup_timeout_ms),
+        };
+        for (key, v) in [
+            ("tick_interval_ms", timeouts.tick_interval_ms),
+            ("heartbeat_interval_ms", timeouts.heartbeat_interval_ms),
+            ("heartbeat_timeout_ms", timeouts.heartbeat_timeout_ms),
+            ("vote_timeout_ms", timeouts.vote_timeout_ms),
+            ("resolve_after_ms", timeouts.resolve_after_ms),
+            ("retry_interval_ms", timeouts.retry_interval_ms),
+            ("catchup_timeout_ms", timeouts.catchup_timeout_ms),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::ZeroTimeout { key });
+            }
+        }
+        if timeouts.heartbeat_timeout_ms <= timeouts.heartbeat_interval_ms {
+            return Err(ConfigError::HeartbeatTimeout {
+                interval: timeouts.heartbeat_interval_ms,
+                timeout: timeouts.heartbeat_timeout_ms,
+            });
+        }
+
+        Ok(NodeConfig {
+            cluster_id: raw.cluster_id,
+            node_id: raw.node_id,
+            secret,
+            listen,
+            postgres: PostgresConfig {
+                conninfo: raw.postgres.conninfo,
+            },
+            nodes,
+            timeouts,
+        })
+    }
+
+    /// The protocol core's settings: cluster size, this node's id and the
+    /// timeouts. Cannot fail on a config from [`NodeConfig::load`] or
+    /// [`NodeConfig::parse`] (panics only if the public fields were later
+    /// set to an impossible cluster).
+    pub fn to_core_config(&self) -> mm_core::Config {
+        let mut c = mm_core::Config::try_new(self.node_id, self.nodes.len())
+            .unwrap_or_else(|e| panic!("NodeConfig was validated: {e}"));
+        let t = &self.timeouts;
+        c.tick_interval = Time::from_millis(t.tick_interval_ms);
+        c.heartbeat_interval = Time::from_millis(t.heartbeat_interval_ms);
+        c.heartbeat_timeout = Time::from_millis(t.heartbeat_timeout_ms);
+        c.vote_timeout = Time::from_millis(t.vote_timeout_ms);
+        c.resolve_after = Time::from_millis(t.resolve_after_ms);
+        c.retry_interval = Time::from_millis(t.retry_interval_ms);
+        c.catchup_timeout = Time::from_millis(t.catchup_timeout_ms);
+        c
+    }
+
+    /// Every other node's mesh address.
+    pub fn peers(&self) -> BTreeMap<NodeId, SocketAddr> {
+        self.nodes
+            .values()
+            .filter(|n| n.id != self.node_id)
+            .map(|n| (n.id, n.mesh))
+            .collect()
+    }
+}

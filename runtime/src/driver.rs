@@ -1,0 +1,230 @@
+//! Runs one `mm_core::Node` on tokio. The driver is deliberately thin: it
+//! turns mesh messages, database results, client requests and the timer
+//! into inputs, and carries out outputs in order; every decision is the
+//! core's. A `Persist` is awaited before any later output is released
+//! (raft-rs: persist, then send), and a storage failure stops the node
+//! (fail-stop) rather than let it act on state it could not save.
+
+use crate::mesh::Mesh;
+use crate::storage::{Loaded, Storage, StorageError};
+use mm_core::{
+    ClientId, Config, DurableOp, Event, Generation, Input, Message, Node, NodeId, NodeSet,
+    NodeStatus, Outcome, Output, Time,
+};
+use std::collections::BTreeMap;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+/// Requests to a running driver (from the client proxy, status, tests).
+#[derive(Debug)]
+pub enum Command {
+    /// The client's open transaction wrote something and asks to commit.
+    Commit {
+        client: ClientId,
+        reply: oneshot::Sender<Outcome>,
+    },
+    Status {
+        reply: oneshot::Sender<StatusSnapshot>,
+    },
+    Shutdown,
+}
+
+/// What `mtm.status()` and `mmctl status` show.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusSnapshot {
+    pub node_id: NodeId,
+    pub status: NodeStatus,
+    pub generation: Generation,
+    /// Peers heard from within the heartbeat timeout (the core's view).
+    pub connected: NodeSet,
+    /// Peers with a live authenticated mesh link (the transport's view).
+    pub links: NodeSet,
+    pub in_doubt: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error("storage failed, node stopped to stay safe: {0}")]
+    Storage(#[from] StorageError),
+}
+
+/// A handle to send commands to a running driver.
+#[derive(Clone, Debug)]
+pub struct DriverHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl DriverHandle {
+    /// Ask to commit; `None` if the driver has stopped.
+    pub async fn commit(&self, client: ClientId) -> Option<Outcome> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command::Commit { client, reply }).await.ok()?;
+        rx.await.ok()
+    }
+    pub async fn status(&self) -> Option<StatusSnapshot> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command::Status { reply }).await.ok()?;
+        rx.await.ok()
+    }
+    pub async fn shutdown(&self) {
+        let _ = self.tx.send(Command::Shutdown).await;
+    }
+}
+
+pub struct Driver<S: Storage> {
+    node: Node,
+    storage: S,
+    mesh: Mesh,
+    inbox: mpsc::Receiver<(NodeId, Message)>,
+    commands: mpsc::Receiver<Command>,
+    results_tx: mpsc::UnboundedSender<Input>,
+    results: mpsc::UnboundedReceiver<Input>,
+    pending: BTreeMap<ClientId, oneshot::Sender<Outcome>>,
+    epoch: Instant,
+}
+
+impl<S: Storage> Driver<S> {
+    /// Load the node's state from `storage` (bootstrapping a fresh member)
+    /// and get ready to run. `results` must be the channel `storage` reports on.
+    pub async fn start(
+        cfg: Config,
+        mut storage: S,
+        mesh: Mesh,
+        inbox: mpsc::Receiver<(NodeId, Message)>,
+        results: (mpsc::UnboundedSender<Input>, mpsc::UnboundedReceiver<Input>),
+    ) -> Result<(Driver<S>, DriverHandle), DriverError> {
+        let epoch = Instant::now();
+        let node = match storage.load().await? {
+            Loaded::Fresh => {
+                let node = Node::new(cfg, Time::ZERO);
+                // Make the bootstrap state durable before the node says anything.
+                let d = node.durable().clone();
+                for op in [
+                    DurableOp::Boot(d.boot),
+                    DurableOp::AdoptGen(d.gen),
+                    DurableOp::PromiseGen(d.promised_gen),
+                    DurableOp::LastOnline(d.last_online_gen),
+                ] {
+                    storage.persist(&op).await?;
+                }
+                node
+            }
+            Loaded::Existing { durable, prepared } => {
+                Node::recover(cfg, durable, &prepared, Time::ZERO)
+            }
+        };
+        let (tx, commands) = mpsc::channel(1024);
+        let driver = Driver {
+            node,
+            storage,
+            mesh,
+            inbox,
+            commands,
+            results_tx: results.0,
+            results: results.1,
+            pending: BTreeMap::new(),
+            epoch,
+        };
+        Ok((driver, DriverHandle { tx }))
+    }
+
+    fn now(&self) -> Time {
+        Time(self.epoch.elapsed().as_micros() as u64)
+    }
+
+    /// Run until shutdown. Returns an error only if storage failed.
+    pub async fn run(mut self) -> Result<(), DriverError> {
+        self.flush().await?;
+        loop {
+            let deadline = self.epoch + Duration::from_micros(self.node.next_timer().0);
+            // `biased`: a fixed branch order keeps runs reproducible under
+            // turmoil. Peers' messages and database results go before client
+            // commands, so a node that was starved judges a request on fresh
+            // views rather than on heartbeats still queued.
+            tokio::select! {
+                biased;
+                Some((from, msg)) = self.inbox.recv() => {
+                    let now = self.now();
+                    self.node.handle(now, Input::Receive { from, msg });
+                }
+                Some(input) = self.results.recv() => {
+                    tracing::trace!(node = self.node.id(), ?input);
+                    let now = self.now();
+                    self.node.handle(now, input);
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    let now = self.now();
+                    self.node.handle(now, Input::Tick);
+                }
+                cmd = self.commands.recv() => match cmd {
+                    None | Some(Command::Shutdown) => break,
+                    Some(Command::Commit { client, reply }) => {
+                        self.pending.insert(client, reply);
+                        let now = self.now();
+                        self.node.handle(now, Input::CommitRequest { client });
+                    }
+                    Some(Command::Status { reply }) => {
+                        let _ = reply.send(self.snapshot());
+                    }
+                },
+            }
+            self.flush().await?;
+        }
+        self.mesh.shutdown().await;
+        Ok(())
+    }
+
+    /// Carry out the node's outputs in order.
+    async fn flush(&mut self) -> Result<(), DriverError> {
+        while let Some(out) = self.node.poll_output() {
+            tracing::trace!(node = self.node.id(), output = ?out);
+            match out {
+                Output::Persist(op) => self.storage.persist(&op).await?,
+                Output::Send { to, msg } => self.mesh.send(to, msg),
+                Output::Db(cmd) => self.storage.execute(cmd, &self.results_tx),
+                Output::Reply { client, outcome } => {
+                    if let Some(reply) = self.pending.remove(&client) {
+                        let _ = reply.send(outcome); // the client may have gone
+                    }
+                }
+                Output::Event(e) => log_event(self.node.id(), &e),
+            }
+        }
+        Ok(())
+    }
+
+    fn snapshot(&self) -> StatusSnapshot {
+        StatusSnapshot {
+            node_id: self.node.id(),
+            status: self.node.status(),
+            generation: self.node.generation(),
+            connected: self.node.connected(),
+            links: self.mesh.connected(),
+            in_doubt: self.node.in_doubt().count(),
+        }
+    }
+}
+
+fn log_event(node: NodeId, e: &Event) {
+    match e {
+        Event::StatusChanged { status } => tracing::info!(node, ?status, "status changed"),
+        Event::GenerationAdopted { gen } => {
+            tracing::info!(node, gen = gen.num, members = %gen.members, donors = %gen.donors, "generation adopted")
+        }
+        Event::CatchupStarted {
+            donor,
+            from_gen,
+            upto_gen,
+        } => {
+            tracing::info!(node, donor, from_gen, ?upto_gen, "catch-up started")
+        }
+        Event::CatchupCompleted { donor, upto_gen } => {
+            tracing::info!(node, donor, ?upto_gen, "catch-up completed")
+        }
+        Event::ResolverDecided { gid, commit, rule } => {
+            tracing::info!(node, %gid, commit, ?rule, "in-doubt transaction resolved")
+        }
+        other => tracing::debug!(node, event = ?other),
+    }
+}
