@@ -18,6 +18,14 @@ if ! command -v cc >/dev/null; then
     fi
 fi
 
+# rustfmt and clippy come with rustup's default profile; add them if missing.
+if ! cargo clippy --version >/dev/null 2>&1 || ! cargo fmt --version >/dev/null 2>&1; then
+    rustup component add clippy rustfmt
+fi
+# PostgreSQL 15 from Debian's packages, for the harness tests against a real server.
+bash scripts/setup-postgres.sh
+export MM_REQUIRE_PG=1
+
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace

@@ -1,0 +1,14 @@
+//! mm-harness: starts real PostgreSQL 15 clusters, runs workloads against them
+//! and injects faults (ARCHITECTURE §7).
+//!
+//! - [`pg_bin`]: finding PostgreSQL 15 and the OS user that runs it;
+//! - [`pg_conf`]: the settings mm needs, written per node and checked by `pg-check`;
+//! - [`backend::local`]: N local servers on loopback (start, kill -9, restart, stop on Drop);
+//! - [`pgbench`]: running the seed's pgbench scripts;
+//! - [`signals`], [`procs`]: stopping nodes on Ctrl-C, process groups.
+pub mod backend;
+pub mod pg_bin;
+pub mod pg_conf;
+pub mod pgbench;
+pub mod procs;
+pub mod signals;

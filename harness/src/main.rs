@@ -1,0 +1,157 @@
+//! `mm-harness`: local PostgreSQL 15 clusters for mm.
+//!
+//! - `mm-harness pg-up --nodes 3 [--workdir D]`: start N plain servers, print
+//!   their ports and connection strings, stop them on Ctrl-C.
+//! - `mm-harness pg-check --port P [--nodes N]`: does that server have the
+//!   settings mm needs? Exit 0 yes, 1 no (with the postgresql.conf lines), 2
+//!   cannot connect.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use mm_harness::backend::local::{LocalCluster, LocalClusterConfig};
+use mm_harness::pg_conf;
+
+#[derive(Parser)]
+#[command(name = "mm-harness", about = "Real PostgreSQL 15 clusters for mm")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start N plain PostgreSQL 15 nodes on 127.0.0.1 and wait for Ctrl-C.
+    PgUp {
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// Work directory (wiped on start if mm-harness created it).
+        /// Default: target/mm-work/pg-up.
+        #[arg(long)]
+        workdir: Option<PathBuf>,
+        /// fsync = off (faster; for tests only: not safe against an OS crash).
+        #[arg(long)]
+        no_fsync: bool,
+    },
+    /// Check a running server's settings against mm's requirements.
+    PgCheck {
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        #[arg(long, default_value = "postgres")]
+        user: String,
+        #[arg(long, default_value = "postgres")]
+        dbname: String,
+        /// Number of nodes in the intended mm cluster.
+        #[arg(long, default_value_t = 3)]
+        nodes: u32,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match Cli::parse().cmd {
+        Cmd::PgUp {
+            nodes,
+            workdir,
+            no_fsync,
+        } => pg_up(nodes, workdir, no_fsync).await,
+        Cmd::PgCheck {
+            port,
+            host,
+            user,
+            dbname,
+            nodes,
+        } => pg_check(&host, port, &user, &dbname, nodes).await,
+    }
+}
+
+async fn pg_up(nodes: usize, workdir: Option<PathBuf>, no_fsync: bool) -> ExitCode {
+    let mut cfg = LocalClusterConfig::new("pg-up", nodes);
+    cfg.work_dir = workdir;
+    cfg.fsync = !no_fsync;
+    // We handle Ctrl-C here, then Drop stops the nodes.
+    cfg.stop_on_signal = false;
+    // Listen for Ctrl-C before starting: one during startup is then handled
+    // right after it (and Drop stops what started) instead of killing us.
+    let ctrl_c = tokio::spawn(tokio::signal::ctrl_c());
+    tokio::task::yield_now().await;
+    let started = LocalCluster::start(cfg).await;
+    let cluster = match started {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("mm-harness pg-up: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!(
+        "PostgreSQL: {} ({}), run as {}",
+        cluster.bin().version,
+        cluster.bin().bindir.display(),
+        cluster.run_as().describe()
+    );
+    println!("work dir:   {}", cluster.work_dir().display());
+    println!();
+    println!("{:<6} {:>6}  conninfo", "node", "port");
+    for n in cluster.nodes() {
+        println!("{:<6} {:>6}  {}", n.name(), n.port, n.conninfo());
+    }
+    println!();
+    println!("Ctrl-C stops all nodes.");
+    let _ = ctrl_c.await;
+    println!("stopping {} nodes", cluster.nodes().len());
+    drop(cluster);
+    ExitCode::SUCCESS
+}
+
+async fn pg_check(host: &str, port: u16, user: &str, dbname: &str, nodes: u32) -> ExitCode {
+    let conninfo = format!("host={host} port={port} user={user} dbname={dbname}");
+    let client = match tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await {
+        Ok((client, conn)) => {
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            client
+        }
+        Err(e) => {
+            eprintln!("mm-harness pg-check: cannot connect ({conninfo}): {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let observed = match pg_conf::observe(&client).await {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("mm-harness pg-check: reading pg_settings: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let findings = pg_conf::check(&observed, nodes);
+    println!("{conninfo} (for a {nodes}-node mm cluster):");
+    for f in &findings {
+        println!("  [{}] {}", if f.ok { " ok " } else { "FAIL" }, f.message);
+    }
+    let bad: Vec<_> = findings.iter().filter(|f| !f.ok).collect();
+    if bad.is_empty() {
+        println!("sufficient for mm");
+        ExitCode::SUCCESS
+    } else {
+        println!();
+        println!("insufficient: add to postgresql.conf, then restart the server:");
+        let req = pg_conf::Requirements {
+            nodes,
+            max_connections: observed.max_connections,
+        };
+        for f in bad {
+            let value = match f.setting {
+                "wal_level" => "logical".to_string(),
+                "max_prepared_transactions" => req.max_prepared_transactions().to_string(),
+                "max_replication_slots" => req.max_replication_slots().to_string(),
+                _ => req.max_wal_senders().to_string(),
+            };
+            println!("  {} = {value}", f.setting);
+        }
+        ExitCode::FAILURE
+    }
+}
