@@ -7,8 +7,11 @@
 //!   order, persistence before release.
 //! - `storage`: the trait the driver persists through and sends database
 //!   commands to; PostgreSQL implements it in production, a model in tests.
+//! - `pg`: PostgreSQL as that storage (so far: the durable state in the
+//!   `mm` schema).
 
 pub mod config;
 pub mod driver;
 pub mod mesh;
+pub mod pg;
 pub mod storage;

@@ -1,0 +1,34 @@
+//! PostgreSQL as the node's storage.
+//!
+//! - [`state`]: the durable protocol state (`mm_core::DurableState`) in the
+//!   `mm` schema of the local database, and the prepared mm transactions
+//!   PostgreSQL holds (`pg_prepared_xacts`).
+
+pub mod state;
+
+pub use state::StateStore;
+
+use crate::storage::StorageError;
+
+/// A tokio-postgres error as a [`StorageError`], with PostgreSQL's own
+/// message (and SQLSTATE) when the server sent one.
+pub(crate) fn db_error(context: &str, e: &tokio_postgres::Error) -> StorageError {
+    let detail = match e.as_db_error() {
+        Some(db) => format!("{} ({}): {}", db.severity(), db.code().code(), db.message()),
+        None => {
+            // e.g. "error connecting to server: Connection refused", "connection closed"
+            let mut s = e.to_string();
+            let mut src = std::error::Error::source(e);
+            while let Some(cause) = src {
+                let c = cause.to_string();
+                if !s.contains(&c) {
+                    s.push_str(": ");
+                    s.push_str(&c);
+                }
+                src = cause.source();
+            }
+            s
+        }
+    };
+    StorageError::Db(format!("{context}: {detail}"))
+}
