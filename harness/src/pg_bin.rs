@@ -199,6 +199,23 @@ pub fn run_checked(mut cmd: Command, what: &str) -> Result<String> {
     Ok(text)
 }
 
+/// For tests: the PostgreSQL 15 binaries, or `None` after printing why the
+/// test is skipped. With `MM_REQUIRE_PG` set (CI sets it), a missing
+/// PostgreSQL is a failure instead.
+pub fn pg_or_skip(test: &str) -> Option<PgBin> {
+    match PgBin::find() {
+        Ok(bin) => Some(bin),
+        Err(e) => {
+            let required = std::env::var("MM_REQUIRE_PG").is_ok_and(|v| !v.is_empty() && v != "0");
+            if required {
+                panic!("MM_REQUIRE_PG is set but PostgreSQL 15 is missing: {e:#}");
+            }
+            eprintln!("SKIPPED {test}: {e:#} (set MM_REQUIRE_PG=1 to make this a failure)");
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::major_version;

@@ -1,33 +1,9 @@
 //! The PostgreSQL settings an mm node needs (ARCHITECTURE §1), as written
 //! into each local node's `mm.conf` and as checked by `mm-harness pg-check`.
 
+pub use mm_runtime::pg::prereq::{check, observe, Finding, Observed, Requirements};
 use std::fmt::Write as _;
 use std::path::Path;
-
-/// What mm requires of every node's PostgreSQL in an `nodes`-node cluster.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Requirements {
-    pub nodes: u32,
-    pub max_connections: u32,
-}
-
-impl Requirements {
-    /// Every client session may hold one prepared transaction per node
-    /// (its own, plus the ones appliers prepare for peers): max_connections × N,
-    /// and never fewer than 100 × N.
-    pub fn max_prepared_transactions(&self) -> u32 {
-        self.max_connections.max(100) * self.nodes
-    }
-    /// One logical slot per peer (N-1), room for a joining node's catch-up
-    /// slots and a spare: 2N+2.
-    pub fn max_replication_slots(&self) -> u32 {
-        2 * self.nodes + 2
-    }
-    /// Each slot is read by one walsender.
-    pub fn max_wal_senders(&self) -> u32 {
-        2 * self.nodes + 2
-    }
-}
 
 /// Settings for one node of a local test cluster.
 #[derive(Debug, Clone)]
@@ -139,140 +115,9 @@ fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
-/// A server's current values of the settings mm cares about.
-#[derive(Debug, Clone, Default)]
-pub struct Observed {
-    pub wal_level: String,
-    pub max_connections: u32,
-    pub max_prepared_transactions: u32,
-    pub max_replication_slots: u32,
-    pub max_wal_senders: u32,
-}
-
-/// One finding of [`check`].
-#[derive(Debug, Clone)]
-pub struct Finding {
-    pub ok: bool,
-    pub setting: &'static str,
-    pub message: String,
-}
-
-/// Compares a server's settings with what an `nodes`-node mm cluster needs.
-/// Each failed finding says exactly which `postgresql.conf` line to set.
-pub fn check(obs: &Observed, nodes: u32) -> Vec<Finding> {
-    let req = Requirements {
-        nodes,
-        max_connections: obs.max_connections,
-    };
-    let mut out = Vec::new();
-    out.push(if obs.wal_level == "logical" {
-        Finding {
-            ok: true,
-            setting: "wal_level",
-            message: "wal_level = logical".into(),
-        }
-    } else {
-        Finding {
-            ok: false,
-            setting: "wal_level",
-            message: format!(
-                "wal_level = {} but mm needs logical decoding: set `wal_level = logical` in \
-                 postgresql.conf (restart required)",
-                obs.wal_level
-            ),
-        }
-    });
-    let mut at_least = |setting: &'static str, have: u32, need: u32, why: String| {
-        out.push(if have >= need {
-            Finding {
-                ok: true,
-                setting,
-                message: format!("{setting} = {have} (need >= {need}: {why})"),
-            }
-        } else {
-            Finding {
-                ok: false,
-                setting,
-                message: format!(
-                    "{setting} = {have} is too small ({why}): set `{setting} = {need}` in \
-                     postgresql.conf (restart required)"
-                ),
-            }
-        });
-    };
-    at_least(
-        "max_prepared_transactions",
-        obs.max_prepared_transactions,
-        req.max_prepared_transactions(),
-        format!(
-            "max_connections {} x {nodes} nodes",
-            obs.max_connections.max(100)
-        ),
-    );
-    at_least(
-        "max_replication_slots",
-        obs.max_replication_slots,
-        req.max_replication_slots(),
-        format!("2 x {nodes} nodes + 2"),
-    );
-    at_least(
-        "max_wal_senders",
-        obs.max_wal_senders,
-        req.max_wal_senders(),
-        format!("2 x {nodes} nodes + 2"),
-    );
-    out
-}
-
-/// Reads [`Observed`] from a server.
-pub async fn observe(client: &tokio_postgres::Client) -> anyhow::Result<Observed> {
-    let rows = client
-        .query(
-            "select name, setting from pg_settings where name = any($1)",
-            &[&vec![
-                "wal_level",
-                "max_connections",
-                "max_prepared_transactions",
-                "max_replication_slots",
-                "max_wal_senders",
-            ]],
-        )
-        .await?;
-    let mut o = Observed::default();
-    for row in rows {
-        let name: String = row.get(0);
-        let value: String = row.get(1);
-        let num = || value.parse::<u32>().unwrap_or(0);
-        match name.as_str() {
-            "wal_level" => o.wal_level = value.clone(),
-            "max_connections" => o.max_connections = num(),
-            "max_prepared_transactions" => o.max_prepared_transactions = num(),
-            "max_replication_slots" => o.max_replication_slots = num(),
-            "max_wal_senders" => o.max_wal_senders = num(),
-            _ => {}
-        }
-    }
-    Ok(o)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn defaults_fail_with_exact_lines() {
-        let obs = Observed {
-            wal_level: "replica".into(),
-            max_connections: 100,
-            max_prepared_transactions: 0,
-            max_replication_slots: 10,
-            max_wal_senders: 10,
-        };
-        let f = check(&obs, 3);
-        assert!(!f[0].ok && f[0].message.contains("`wal_level = logical`"));
-        assert!(!f[1].ok && f[1].message.contains("`max_prepared_transactions = 300`"));
-        assert!(f[2].ok && f[3].ok);
-    }
 
     #[test]
     fn rendered_settings_pass_the_check() {

@@ -8,26 +8,11 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use mm_harness::backend::local::{LocalCluster, LocalClusterConfig};
-use mm_harness::pg_bin::PgBin;
+use mm_harness::pg_bin::pg_or_skip;
 use mm_harness::pgbench::{scripts_dir, Pgbench};
 
 const CREATE_MM: &str = "create table mm(id int primary key, info text, mod_time timestamp)";
 const HASH_SUM: &str = "select sum(hashtext(t.id||t.info||t.mod_time))::text from mm t";
-
-/// PostgreSQL 15, or None after printing why the test is skipped.
-fn pg_or_skip(test: &str) -> Option<PgBin> {
-    match PgBin::find() {
-        Ok(bin) => Some(bin),
-        Err(e) => {
-            let required = std::env::var("MM_REQUIRE_PG").is_ok_and(|v| !v.is_empty() && v != "0");
-            if required {
-                panic!("MM_REQUIRE_PG is set but PostgreSQL 15 is missing: {e:#}");
-            }
-            eprintln!("SKIPPED {test}: {e:#} (set MM_REQUIRE_PG=1 to make this a failure)");
-            None
-        }
-    }
-}
 
 fn port_accepts(port: u16) -> bool {
     TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(500)).is_ok()

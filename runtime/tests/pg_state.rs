@@ -9,24 +9,9 @@ use std::time::Instant;
 
 use mm_core::{Ballot, DurableOp, DurableState, Generation, Gid, NodeSet, TxRecord};
 use mm_harness::backend::local::{LocalCluster, LocalClusterConfig};
-use mm_harness::pg_bin::PgBin;
+use mm_harness::pg_bin::pg_or_skip;
 use mm_runtime::pg::StateStore;
 use mm_runtime::storage::{Loaded, StorageError};
-
-/// PostgreSQL 15, or None after printing why the test is skipped.
-fn pg_or_skip(test: &str) -> Option<PgBin> {
-    match PgBin::find() {
-        Ok(bin) => Some(bin),
-        Err(e) => {
-            let required = std::env::var("MM_REQUIRE_PG").is_ok_and(|v| !v.is_empty() && v != "0");
-            if required {
-                panic!("MM_REQUIRE_PG is set but PostgreSQL 15 is missing: {e:#}");
-            }
-            eprintln!("SKIPPED {test}: {e:#} (set MM_REQUIRE_PG=1 to make this a failure)");
-            None
-        }
-    }
-}
 
 async fn one_node(name: &str) -> LocalCluster {
     let t0 = Instant::now();

@@ -4,6 +4,8 @@
 //!   `mm` schema of the local database, and the prepared mm transactions
 //!   PostgreSQL holds (`pg_prepared_xacts`).
 
+pub mod init;
+pub mod prereq;
 pub mod state;
 
 pub use state::StateStore;
