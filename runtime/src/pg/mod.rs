@@ -6,6 +6,7 @@
 
 pub mod init;
 pub mod prereq;
+pub mod replication;
 pub mod state;
 
 pub use state::StateStore;
