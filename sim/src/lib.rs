@@ -19,6 +19,7 @@ pub mod net;
 pub mod params;
 pub mod sweep;
 pub mod time_util;
+pub mod turmoil;
 pub mod workload;
 pub mod world;
 

@@ -17,10 +17,10 @@
 //! closes.
 
 use super::frame::{self, Frame, FrameError, Nonce, Proof, NONCE_LEN, PROTOCOL_VERSION};
+use super::rng::MeshRng;
 use futures::{SinkExt, StreamExt};
 use hmac::{Hmac, Mac};
 use mm_core::NodeId;
-use rand::RngCore;
 use sha2::Sha256;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -82,6 +82,7 @@ pub(crate) struct Identity<'a> {
     pub node_id: NodeId,
     pub secret: &'a [u8],
     pub peers: &'a BTreeMap<NodeId, SocketAddr>,
+    pub rng: &'a MeshRng,
 }
 
 const DIALER: &[u8] = b"dialer";
@@ -109,9 +110,9 @@ fn mac(
     m
 }
 
-fn nonce() -> Nonce {
+fn nonce(rng: &MeshRng) -> Nonce {
     let mut n = [0u8; NONCE_LEN];
-    rand::rngs::OsRng.fill_bytes(&mut n);
+    rng.fill_bytes(&mut n);
     n
 }
 
@@ -161,7 +162,7 @@ pub(crate) async fn dial<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let nd = nonce();
+    let nd = nonce(me.rng);
     send(
         io,
         &Frame::Hello {
@@ -267,7 +268,7 @@ where
     if let Err(e) = check {
         return Err(refuse(io, e).await);
     }
-    let na = nonce();
+    let na = nonce(me.rng);
     let proof_a: Proof = mac(
         me.secret,
         ACCEPTOR,

@@ -22,17 +22,18 @@
 
 pub mod frame;
 pub mod handshake;
+pub mod rng;
 pub mod transport;
 
 pub use frame::{Frame, MAX_FRAME_LEN, PROTOCOL_VERSION};
 pub use handshake::HandshakeError;
+pub use rng::MeshRng;
 pub use transport::{Listener, TcpTransport, Transport};
 
 use crate::config::{ConfigError, NodeConfig};
 use futures::{SinkExt, StreamExt};
 use handshake::{FramedStream, Identity};
 use mm_core::{Message, NodeId, NodeSet};
-use rand::Rng;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::io;
@@ -125,6 +126,9 @@ pub struct MeshOptions {
     pub send_queue: usize,
     /// Capacity of the inbound channel returned by `start`.
     pub inbound_queue: usize,
+    /// Randomness for reconnect jitter and handshake nonces: the OS's by
+    /// default; seeded only under a simulated network.
+    pub rng: MeshRng,
 }
 
 impl Default for MeshOptions {
@@ -137,6 +141,7 @@ impl Default for MeshOptions {
             idle_timeout: Duration::from_secs(5),
             send_queue: 4096,
             inbound_queue: 4096,
+            rng: MeshRng::os(),
         }
     }
 }
@@ -197,6 +202,7 @@ impl Shared {
             node_id: self.cfg.node_id,
             secret: &self.cfg.secret,
             peers: &self.cfg.peers,
+            rng: &self.opts.rng,
         }
     }
 
@@ -363,10 +369,10 @@ async fn pause(cancel: &CancellationToken, d: Duration) -> bool {
     }
 }
 
-fn jittered(backoff: Duration) -> Duration {
+fn jittered(rng: &MeshRng, backoff: Duration) -> Duration {
     let ms = backoff.as_millis() as u64;
     let half = ms / 2;
-    Duration::from_millis(half + rand::thread_rng().gen_range(0..=ms - half))
+    Duration::from_millis(half + rng.range_inclusive(0, ms - half))
 }
 
 async fn accept_loop<L: Listener>(shared: Arc<Shared>, mut listener: L, tracker: TaskTracker) {
@@ -496,7 +502,7 @@ async fn dial_loop<T: Transport>(
                 last_error = Some(e.to_string());
             }
         }
-        if !pause(&shared.cancel, jittered(backoff)).await {
+        if !pause(&shared.cancel, jittered(&opts.rng, backoff)).await {
             break;
         }
         backoff = (backoff * 2).min(opts.backoff_max);

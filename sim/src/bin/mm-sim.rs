@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use mm_sim::coverage::Path;
 use mm_sim::faults::FaultKind;
 use mm_sim::sweep::{first_failing_seed, sweep};
+use mm_sim::turmoil::{run_turmoil, TurmoilOptions};
 use mm_sim::{mutant_by_name, Mutant, Params, RunOptions, World};
 use serde_json::json;
 use std::process::ExitCode;
@@ -59,6 +60,26 @@ enum Cmd {
         #[arg(long)]
         differential: bool,
     },
+    /// Tier T2: the runtime's node driver and mesh under turmoil, seed by seed.
+    Turmoil {
+        #[arg(long, default_value_t = 20)]
+        seeds: u64,
+        #[arg(long, default_value_t = 0)]
+        start: u64,
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        #[arg(long)]
+        mutant: Option<String>,
+        /// Use the deliberately broken storage (loses one commit on node 2).
+        #[arg(long)]
+        lossy_storage: bool,
+        /// Print each seed's fault schedule.
+        #[arg(long)]
+        verbose: bool,
+        /// Last line: one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn parse_mutant(m: &Option<String>) -> Result<Option<Mutant>, String> {
@@ -105,6 +126,31 @@ fn main() -> ExitCode {
             json,
             differential,
         } => check_nodes(nodes).map(|_| cmd_mutants(seeds, nodes, json, differential)),
+        Cmd::Turmoil {
+            seeds,
+            start,
+            nodes,
+            mutant,
+            lossy_storage,
+            verbose,
+            json,
+        } => check_nodes(nodes)
+            .and_then(|_| {
+                if nodes < 2 {
+                    Err("turmoil: use --nodes 2..=9".to_string())
+                } else {
+                    parse_mutant(&mutant)
+                }
+            })
+            .map(|m| {
+                let opts = TurmoilOptions {
+                    seed: start,
+                    nodes,
+                    mutant: m,
+                    lossy_storage,
+                };
+                cmd_turmoil(seeds, opts, verbose, json)
+            }),
     };
     match r {
         Ok(code) => code,
@@ -273,6 +319,93 @@ fn cmd_mutants(max: u64, nodes: usize, json: bool, differential: bool) -> ExitCo
         println!("{}", serde_json::Value::Object(obj));
     }
     if all {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn cmd_turmoil(seeds: u64, base: TurmoilOptions, verbose: bool, json: bool) -> ExitCode {
+    let t0 = Instant::now();
+    let (mut committed, mut aborted, mut refused, mut unknown) = (0, 0, 0, 0);
+    let mut violations = 0;
+    let mut failing = Vec::new();
+    for seed in base.seed..base.seed + seeds {
+        let opts = TurmoilOptions {
+            seed,
+            ..base.clone()
+        };
+        let r = run_turmoil(&opts);
+        committed += r.committed;
+        aborted += r.aborted;
+        refused += r.refused;
+        unknown += r.unknown;
+        violations += r.violations.len();
+        println!(
+            "seed {seed}: {}ms simulated; {} committed, {} aborted, {} refused, {} unknown; {} txs; settled {}; hash {:016x}; {}",
+            r.sim_ms,
+            r.committed,
+            r.aborted,
+            r.refused,
+            r.unknown,
+            r.committed_txs,
+            r.settled_after_ms
+                .map_or("never".to_string(), |t| format!("{t}ms after healing")),
+            r.event_hash,
+            if r.ok() { "OK" } else { "FAIL" }
+        );
+        if verbose || !r.ok() {
+            for f in &r.faults {
+                println!("    fault: {f}");
+            }
+        }
+        if !r.ok() {
+            for v in r.violations.iter().take(10) {
+                println!("  violation: {v}");
+            }
+            if r.violations.len() > 10 {
+                println!("  ... and {} more violations", r.violations.len() - 10);
+            }
+            let mut repro = r.repro();
+            if let Some(m) = base.mutant {
+                repro.push_str(&format!(" --mutant {}", m.name()));
+            }
+            if base.lossy_storage {
+                repro.push_str(" --lossy-storage");
+            }
+            println!("  repro: {repro}");
+            failing.push(seed);
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let per_min = if secs > 0.0 {
+        seeds as f64 * 60.0 / secs
+    } else {
+        0.0
+    };
+    println!(
+        "turmoil: {seeds} seeds ({}..{}), {} nodes: {secs:.1}s, {per_min:.0} seeds/min; {violations} violations in {} failing seeds",
+        base.seed,
+        base.seed + seeds,
+        base.nodes,
+        failing.len()
+    );
+    if json {
+        let obj = json!({
+            "seeds": seeds,
+            "start": base.seed,
+            "nodes": base.nodes,
+            "violations": violations,
+            "failing_seeds": failing,
+            "seeds_per_min": per_min.round(),
+            "committed": committed,
+            "aborted": aborted,
+            "refused": refused,
+            "unknown": unknown,
+        });
+        println!("{obj}");
+    }
+    if failing.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

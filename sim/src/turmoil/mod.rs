@@ -1,0 +1,685 @@
+//! T2: the runtime's own node driver (`mm_runtime::driver::Driver`, the one
+//! `mmd` runs) and its own TCP mesh, under turmoil's simulated network and
+//! clock, with in-memory databases behind the `Storage` trait.
+//!
+//! One u64 seed derives everything: turmoil's RNG (`rng_seed`), message
+//! latencies, the mesh's jitter and nonces (a seeded [`MeshRng`]), the
+//! client's choices, and the fault schedule. A run has a safety phase
+//! (commits from a client on random nodes; crash-restarts, partitions and
+//! held links) and a liveness phase (everything healed, no new work, the
+//! cluster must settle); then the checks.
+//!
+//! The databases are one [`MemCluster`], shared by all hosts: it stands for
+//! each node's local PostgreSQL, which outlives a crash of the node's
+//! software (a crashed host reloads its durable state and prepared
+//! transactions from it when bounced). Its instant data plane (a local
+//! prepare reaches every running peer at once, catch-up copies at once)
+//! crosses hosts outside turmoil's network: acceptable for this tier, which
+//! tests the control plane (mesh, handshake, timers, reconnects, the
+//! driver's ordering); the data plane's own faults are T1's business.
+
+pub mod transport;
+
+pub use transport::{TurmoilListener, TurmoilTransport};
+
+use crate::fnv::Fnv;
+use mm_core::{ClientId, DbCmd, DurableOp, Gid, Input, Mutant, NodeId, NodeSet, NodeStatus};
+use mm_core::{Outcome, Time};
+use mm_runtime::driver::{Driver, DriverHandle};
+use mm_runtime::mesh::{Mesh, MeshConfig, MeshOptions, MeshRng};
+use mm_runtime::storage::{Loaded, MemCluster, MemStorage, Storage, StorageError};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::rc::Rc;
+use std::sync::{Arc, Mutex, Once};
+use std::time::Duration;
+use tokio::sync::mpsc::UnboundedSender;
+
+/// The mesh port every host listens on.
+const PORT: u16 = 7400;
+/// Simulated time step.
+const TICK: Duration = Duration::from_millis(1);
+/// The client starts committing.
+const LOAD_START_MS: u64 = 500;
+/// Faults start within [FAULTS_START_MS, HEAL_MS).
+const FAULTS_START_MS: u64 = 1500;
+/// Safety phase ends: every fault healed, crashed hosts restarted, no new work.
+const HEAL_MS: u64 = 7000;
+/// The cluster must settle within this after healing.
+const SETTLE_BOUND_MS: u64 = 15_000;
+/// A client request with no answer within this counts as unknown.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// At most this many client requests in flight.
+const MAX_IN_FLIGHT: u32 = 4;
+
+/// What to run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TurmoilOptions {
+    pub seed: u64,
+    pub nodes: usize,
+    /// A deliberately broken protocol variant (mm-core's `mutants`).
+    pub mutant: Option<Mutant>,
+    /// A deliberately broken storage: node 2 turns the first commit of a
+    /// transaction it did not originate into a rollback, yet the protocol
+    /// goes on as if it had committed. The checks must catch it.
+    pub lossy_storage: bool,
+}
+
+impl TurmoilOptions {
+    pub fn new(seed: u64, nodes: usize) -> TurmoilOptions {
+        TurmoilOptions {
+            seed,
+            nodes,
+            mutant: None,
+            lossy_storage: false,
+        }
+    }
+}
+
+/// The outcome of one seed.
+#[derive(Clone, Debug)]
+pub struct TurmoilReport {
+    pub seed: u64,
+    pub nodes: usize,
+    pub violations: Vec<String>,
+    /// Client requests answered Committed / Aborted / Refused, and those
+    /// with no answer (node crashed, or no reply within the client timeout).
+    pub committed: u64,
+    pub aborted: u64,
+    pub refused: u64,
+    pub unknown: u64,
+    /// The fault schedule, one line per action.
+    pub faults: Vec<String>,
+    /// Simulated time from healing to settled; None if it never settled.
+    pub settled_after_ms: Option<u64>,
+    /// Simulated time of the whole run.
+    pub sim_ms: u64,
+    /// Committed transactions on node 1 at the end.
+    pub committed_txs: usize,
+    /// FNV-1a over the event log: faults applied, client outcomes (with
+    /// simulated times), every node's final commit order.
+    pub event_hash: u64,
+}
+
+impl TurmoilReport {
+    pub fn ok(&self) -> bool {
+        self.violations.is_empty()
+    }
+    pub fn repro(&self) -> String {
+        turmoil_repro_line(self.seed, self.nodes)
+    }
+}
+
+pub fn turmoil_repro_line(seed: u64, nodes: usize) -> String {
+    format!("cargo run --release -p mm-sim -- turmoil --seeds 1 --start {seed} --nodes {nodes}")
+}
+
+/// Run one seed with defaults (no mutant, correct storage).
+pub fn run_turmoil_seed(seed: u64, nodes: usize) -> TurmoilReport {
+    run_turmoil(&TurmoilOptions::new(seed, nodes))
+}
+
+fn host_name(id: NodeId) -> String {
+    format!("n{id}")
+}
+
+/// The node's configuration: the short timeouts of runtime/tests/driver.rs.
+fn core_config(id: NodeId, n: usize, mutant: Option<Mutant>) -> mm_core::Config {
+    let ms = Time::from_millis;
+    let mut c = mm_core::Config::new(id, n);
+    c.tick_interval = ms(10);
+    c.heartbeat_interval = ms(50);
+    c.heartbeat_timeout = ms(1000);
+    c.vote_timeout = ms(1000);
+    c.resolve_after = ms(1500);
+    c.retry_interval = ms(150);
+    c.catchup_timeout = ms(2000);
+    c.mutant = mutant;
+    c
+}
+
+fn mesh_options(seed: u64, id: NodeId, incarnation: u64) -> MeshOptions {
+    MeshOptions {
+        handshake_timeout: Duration::from_millis(1000),
+        backoff_min: Duration::from_millis(50),
+        backoff_max: Duration::from_millis(500),
+        ping_interval: Duration::from_millis(100),
+        idle_timeout: Duration::from_millis(1000),
+        rng: MeshRng::seeded(mix(seed, ((id as u64) << 32) | incarnation)),
+        ..MeshOptions::default()
+    }
+}
+
+/// splitmix64 of `a ^ rotate(b)`: independent sub-seeds.
+fn mix(a: u64, b: u64) -> u64 {
+    let mut z = a ^ b.rotate_left(29) ^ 0x9e37_79b9_7f4a_7c15;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+// ---------------------------------------------------------------- storage
+
+/// What the checks learn from the storage: which gid each client's commit
+/// request became (so an acknowledged commit can be looked up on every node).
+#[derive(Default)]
+struct Observed {
+    client_gid: BTreeMap<ClientId, Gid>,
+    /// The lossy variant dropped its commit already (once per run).
+    lost: Option<Gid>,
+}
+
+/// `MemStorage` with an observer, and optionally the lossy variant.
+struct ObservedStorage {
+    id: NodeId,
+    inner: MemStorage,
+    obs: Arc<Mutex<Observed>>,
+    lossy: bool,
+}
+
+impl Storage for ObservedStorage {
+    async fn load(&mut self) -> Result<Loaded, StorageError> {
+        self.inner.load().await
+    }
+
+    async fn persist(&mut self, op: &DurableOp) -> Result<(), StorageError> {
+        self.inner.persist(op).await
+    }
+
+    fn execute(&mut self, cmd: DbCmd, results: &UnboundedSender<Input>) {
+        let mut cmd = cmd;
+        {
+            let mut o = self.obs.lock().expect("lock");
+            match cmd {
+                DbCmd::PrepareLocal { client, gid } => {
+                    o.client_gid.insert(client, gid);
+                }
+                DbCmd::CommitPrepared { gid }
+                    if self.lossy && self.id == 2 && gid.origin != 2 && o.lost.is_none() =>
+                {
+                    o.lost = Some(gid);
+                    cmd = DbCmd::RollbackPrepared { gid };
+                }
+                _ => {}
+            }
+        }
+        self.inner.execute(cmd, results);
+    }
+}
+
+// ---------------------------------------------------------------- faults
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Action {
+    Crash(NodeId),
+    Bounce(NodeId),
+    Partition(NodeId, NodeId),
+    Repair(NodeId, NodeId),
+    Hold(NodeId, NodeId),
+    Release(NodeId, NodeId),
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Scheduled {
+    at_ms: u64,
+    action: Action,
+}
+
+fn pair(rng: &mut ChaCha8Rng, n: usize) -> (NodeId, NodeId) {
+    let a = rng.gen_range(1..=n as NodeId);
+    let mut b = rng.gen_range(1..n as NodeId);
+    if b >= a {
+        b += 1;
+    }
+    (a, b)
+}
+
+/// The seed's fault schedule, in the safety phase, sorted by time.
+fn schedule(rng: &mut ChaCha8Rng, n: usize) -> Vec<Scheduled> {
+    let mut out = Vec::new();
+    let count = rng.gen_range(1..=5);
+    for _ in 0..count {
+        let start = rng.gen_range(FAULTS_START_MS..HEAL_MS - 200);
+        let end = (start + rng.gen_range(200..=2500)).min(HEAL_MS - 1);
+        let mut push = |at_ms, action| out.push(Scheduled { at_ms, action });
+        match rng.gen_range(0..4) {
+            0 => {
+                let x = rng.gen_range(1..=n as NodeId);
+                push(start, Action::Crash(x));
+                push(end, Action::Bounce(x));
+            }
+            1 => {
+                let (a, b) = pair(rng, n);
+                push(start, Action::Partition(a, b));
+                push(end, Action::Repair(a, b));
+            }
+            2 => {
+                // Isolate one node from every other.
+                let x = rng.gen_range(1..=n as NodeId);
+                for y in (1..=n as NodeId).filter(|&y| y != x) {
+                    push(start, Action::Partition(x, y));
+                    push(end, Action::Repair(x, y));
+                }
+            }
+            _ => {
+                let (a, b) = pair(rng, n);
+                push(start, Action::Hold(a, b));
+                push(end, Action::Release(a, b));
+            }
+        }
+    }
+    out.sort_by_key(|s| s.at_ms); // stable: ties keep generation order
+    out
+}
+
+fn apply(sim: &mut ::turmoil::Sim<'_>, a: Action) -> bool {
+    match a {
+        Action::Crash(x) => {
+            if !sim.is_host_running(host_name(x)) {
+                return false;
+            }
+            sim.crash(host_name(x));
+        }
+        Action::Bounce(x) => {
+            if sim.is_host_running(host_name(x)) {
+                return false;
+            }
+            sim.bounce(host_name(x));
+        }
+        Action::Partition(a, b) => sim.partition(host_name(a), host_name(b)),
+        Action::Repair(a, b) => sim.repair(host_name(a), host_name(b)),
+        Action::Hold(a, b) => sim.hold(host_name(a), host_name(b)),
+        Action::Release(a, b) => sim.release(host_name(a), host_name(b)),
+    }
+    true
+}
+
+// ---------------------------------------------------------------- panics
+
+thread_local! {
+    static PANICS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Counts panics per thread (a seed runs on one thread), including those
+/// tokio catches in spawned tasks, then defers to the previous hook.
+fn install_panic_counter() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            PANICS.with(|p| p.set(p.get() + 1));
+            prev(info);
+        }));
+    });
+}
+
+// ---------------------------------------------------------------- nodes
+
+type Registry = Rc<RefCell<BTreeMap<NodeId, DriverHandle>>>;
+
+struct NodeCtx {
+    id: NodeId,
+    n: usize,
+    seed: u64,
+    incarnation: u64,
+    mutant: Option<Mutant>,
+    lossy: bool,
+    cluster: MemCluster,
+    obs: Arc<Mutex<Observed>>,
+    registry: Registry,
+}
+
+/// One host's software: the mesh and the driver, exactly as `mmd` wires
+/// them, over turmoil's network. Restarted from scratch by `bounce`.
+async fn run_node(c: NodeCtx) -> ::turmoil::Result {
+    let peers: BTreeMap<NodeId, SocketAddr> = (1..=c.n as NodeId)
+        .filter(|&p| p != c.id)
+        .map(|p| (p, SocketAddr::new(::turmoil::lookup(host_name(p)), PORT)))
+        .collect();
+    let cfg = MeshConfig {
+        cluster_id: "turmoil".into(),
+        node_id: c.id,
+        listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), PORT),
+        peers,
+        secret: b"turmoil secret".to_vec(),
+    };
+    let opts = mesh_options(c.seed, c.id, c.incarnation);
+    let (mesh, inbox) = Mesh::start_with(cfg, opts, TurmoilTransport).await?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let storage = ObservedStorage {
+        id: c.id,
+        inner: c.cluster.storage(c.id, tx.clone()),
+        obs: c.obs,
+        lossy: c.lossy,
+    };
+    let cfg = core_config(c.id, c.n, c.mutant);
+    let (driver, handle) = Driver::start(cfg, storage, mesh, inbox, (tx, rx)).await?;
+    c.registry.borrow_mut().insert(c.id, handle);
+    driver.run().await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------- client
+
+#[derive(Default)]
+struct ClientLog {
+    /// (simulated ms, client, node, outcome; None = no answer)
+    outcomes: Vec<(u64, ClientId, NodeId, Option<Outcome>)>,
+    settled_at_ms: Option<u64>,
+    /// Why the cluster was not settled at the last look.
+    unsettled: String,
+}
+
+fn elapsed_ms(start: tokio::time::Instant) -> u64 {
+    start.elapsed().as_millis() as u64
+}
+
+/// Whether every node is online in one generation of all nodes with nothing
+/// in doubt, and the databases agree with nothing left prepared; if not, why.
+async fn settled(registry: &Registry, cluster: &MemCluster, n: usize) -> Result<(), String> {
+    let all = NodeSet::first_n(n);
+    let mut gen = None;
+    for id in 1..=n as NodeId {
+        let h = registry.borrow().get(&id).cloned();
+        let Some(h) = h else {
+            return Err(format!("node {id} never started"));
+        };
+        let s = tokio::time::timeout(Duration::from_millis(200), h.status()).await;
+        let Ok(Some(s)) = s else {
+            return Err(format!("node {id} does not answer"));
+        };
+        if s.status != NodeStatus::Online || s.generation.members != all {
+            return Err(format!(
+                "node {id} is {:?} in generation {} of {}",
+                s.status, s.generation.num, s.generation.members
+            ));
+        }
+        if s.in_doubt > 0 {
+            return Err(format!("node {id} has {} in doubt", s.in_doubt));
+        }
+        match &gen {
+            None => gen = Some(s.generation),
+            Some(g) if *g != s.generation => {
+                return Err(format!(
+                    "node {id} in generation {}, node 1 in {}",
+                    s.generation.num, g.num
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    let first: BTreeSet<Gid> = cluster.db(1).committed.into_iter().collect();
+    for id in 1..=n as NodeId {
+        let db = cluster.db(id);
+        if !db.prepared.is_empty() {
+            return Err(format!("node {id} holds {} prepared", db.prepared.len()));
+        }
+        if db.committed.iter().copied().collect::<BTreeSet<_>>() != first {
+            return Err(format!("node {id} committed set differs from node 1's"));
+        }
+    }
+    Ok(())
+}
+
+struct ClientCtx {
+    seed: u64,
+    n: usize,
+    cluster: MemCluster,
+    registry: Registry,
+    log: Rc<RefCell<ClientLog>>,
+}
+
+async fn run_client(c: ClientCtx) -> ::turmoil::Result {
+    let start = tokio::time::Instant::now();
+    let mut rng = ChaCha8Rng::seed_from_u64(mix(c.seed, 0xc11e));
+    let in_flight = Rc::new(Cell::new(0u32));
+    let mut next_client = 1u64;
+    tokio::time::sleep(Duration::from_millis(LOAD_START_MS)).await;
+    while elapsed_ms(start) < HEAL_MS {
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(5..=40))).await;
+        if in_flight.get() >= MAX_IN_FLIGHT {
+            continue;
+        }
+        let node = rng.gen_range(1..=c.n as NodeId);
+        let client = ClientId(next_client);
+        next_client += 1;
+        let h = c.registry.borrow().get(&node).cloned();
+        let (log, in_flight) = (c.log.clone(), in_flight.clone());
+        in_flight.set(in_flight.get() + 1);
+        tokio::task::spawn_local(async move {
+            let r = match h {
+                None => None,
+                Some(h) => tokio::time::timeout(CLIENT_TIMEOUT, h.commit(client))
+                    .await
+                    .ok()
+                    .flatten(),
+            };
+            let at = elapsed_ms(start);
+            log.borrow_mut().outcomes.push((at, client, node, r));
+            in_flight.set(in_flight.get() - 1);
+        });
+    }
+    // Liveness: no new work; wait for the answers and for the cluster to settle.
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = elapsed_ms(start);
+        if in_flight.get() == 0 {
+            match settled(&c.registry, &c.cluster, c.n).await {
+                Ok(()) => {
+                    c.log.borrow_mut().settled_at_ms = Some(elapsed_ms(start));
+                    break;
+                }
+                Err(why) => c.log.borrow_mut().unsettled = why,
+            }
+        } else {
+            c.log.borrow_mut().unsettled =
+                format!("{} client requests unanswered", in_flight.get());
+        }
+        if now > HEAL_MS + SETTLE_BOUND_MS {
+            break;
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- run
+
+/// Run one seed through both phases and check the result.
+pub fn run_turmoil(opts: &TurmoilOptions) -> TurmoilReport {
+    install_panic_counter();
+    let panics_before = PANICS.with(|p| p.get());
+    let (seed, n) = (opts.seed, opts.nodes);
+    let mut rng = ChaCha8Rng::seed_from_u64(mix(seed, 0xfa17));
+    let max_latency = [1u64, 5, 20, 50][rng.gen_range(0..4)];
+    let plan = schedule(&mut rng, n);
+
+    let mut sim = ::turmoil::Builder::new()
+        .rng_seed(seed)
+        .simulation_duration(Duration::from_millis(HEAL_MS + SETTLE_BOUND_MS + 10_000))
+        .tick_duration(TICK)
+        .min_message_latency(Duration::ZERO)
+        .max_message_latency(Duration::from_millis(max_latency))
+        .build();
+
+    let cluster = MemCluster::new(n);
+    let registry: Registry = Rc::new(RefCell::new(BTreeMap::new()));
+    let obs = Arc::new(Mutex::new(Observed::default()));
+    for id in 1..=n as NodeId {
+        let (cluster, registry, obs) = (cluster.clone(), registry.clone(), obs.clone());
+        let (mutant, lossy) = (opts.mutant, opts.lossy_storage);
+        let boots = Cell::new(0u64);
+        sim.host(host_name(id), move || {
+            let incarnation = boots.get();
+            boots.set(incarnation + 1);
+            run_node(NodeCtx {
+                id,
+                n,
+                seed,
+                incarnation,
+                mutant,
+                lossy,
+                cluster: cluster.clone(),
+                obs: obs.clone(),
+                registry: registry.clone(),
+            })
+        });
+    }
+    let log = Rc::new(RefCell::new(ClientLog::default()));
+    sim.client(
+        "client",
+        run_client(ClientCtx {
+            seed,
+            n,
+            cluster: cluster.clone(),
+            registry: registry.clone(),
+            log: log.clone(),
+        }),
+    );
+
+    let mut violations = Vec::new();
+    let mut faults = vec![format!("max message latency {max_latency}ms")];
+    let mut hash = Fnv::new();
+    hash.u64(max_latency);
+    let mut next = 0;
+    let mut healed = false;
+    loop {
+        let now = sim.elapsed().as_millis() as u64;
+        while next < plan.len() && plan[next].at_ms <= now {
+            let s = plan[next];
+            next += 1;
+            let done = apply(&mut sim, s.action);
+            let line = format!(
+                "{}ms {:?}{}",
+                now,
+                s.action,
+                if done { "" } else { " (skipped)" }
+            );
+            hash.bytes(line.as_bytes());
+            faults.push(line);
+        }
+        if !healed && now >= HEAL_MS {
+            healed = true;
+            for a in 1..=n as NodeId {
+                for b in a + 1..=n as NodeId {
+                    sim.repair(host_name(a), host_name(b));
+                    sim.release(host_name(a), host_name(b));
+                }
+                if !sim.is_host_running(host_name(a)) {
+                    sim.bounce(host_name(a));
+                    faults.push(format!("{now}ms heal: Bounce({a})"));
+                }
+            }
+            faults.push(format!("{now}ms heal: all links repaired and released"));
+        }
+        match sim.step() {
+            Ok(true) => break,
+            Ok(false) => {}
+            Err(e) => {
+                violations.push(format!("simulation failed: {e}"));
+                break;
+            }
+        }
+    }
+    let sim_ms = sim.elapsed().as_millis() as u64;
+    drop(sim); // stops every host; the databases stay for the checks
+
+    let log = std::mem::take(&mut *log.borrow_mut());
+    let obs = std::mem::take(&mut *obs.lock().expect("lock"));
+    let (mut committed, mut aborted, mut refused, mut unknown) = (0, 0, 0, 0);
+    for (at, client, node, r) in &log.outcomes {
+        match r {
+            Some(Outcome::Committed) => committed += 1,
+            Some(Outcome::Aborted(_)) => aborted += 1,
+            Some(Outcome::Refused(_)) => refused += 1,
+            None => unknown += 1,
+        }
+        hash.bytes(format!("{at} {} {node} {r:?}", client.0).as_bytes());
+    }
+
+    // Liveness.
+    let settled_after_ms = log.settled_at_ms.map(|t| t.saturating_sub(HEAL_MS));
+    if settled_after_ms.is_none() {
+        violations.push(format!(
+            "liveness: not settled {}ms after healing: {}",
+            SETTLE_BOUND_MS, log.unsettled
+        ));
+    }
+    // No panics anywhere (tokio catches those in spawned tasks; the hook counts them).
+    let panics = PANICS.with(|p| p.get()) - panics_before;
+    if panics > 0 {
+        violations.push(format!("{panics} panics"));
+    }
+    let dbs: Vec<_> = (1..=n as NodeId).map(|id| (id, cluster.db(id))).collect();
+    let sets: Vec<BTreeSet<Gid>> = dbs
+        .iter()
+        .map(|(_, db)| db.committed.iter().copied().collect())
+        .collect();
+    for (id, db) in &dbs {
+        hash.u64(*id as u64);
+        for g in &db.committed {
+            hash.bytes(g.to_string().as_bytes());
+        }
+        // No prepared transaction left.
+        if let Some(g) = db.prepared.iter().next() {
+            violations.push(format!(
+                "leftover prepared: node {id} still holds {} prepared (first {g})",
+                db.prepared.len()
+            ));
+        }
+        if sets[*id as usize - 1].len() != db.committed.len() {
+            violations.push(format!("node {id} committed a gid twice"));
+        }
+    }
+    // Atomicity: one outcome per gid on every node.
+    let union: BTreeSet<Gid> = sets.iter().flatten().copied().collect();
+    for g in &union {
+        let missing: Vec<NodeId> = (1..=n as NodeId)
+            .filter(|id| !sets[*id as usize - 1].contains(g))
+            .collect();
+        if !missing.is_empty() {
+            violations.push(format!(
+                "atomicity: {g} committed on some nodes but not on {missing:?}"
+            ));
+        }
+    }
+    // Durability: every commit acknowledged to the client is on every node.
+    for (_, client, node, r) in &log.outcomes {
+        if *r != Some(Outcome::Committed) {
+            continue;
+        }
+        match obs.client_gid.get(client) {
+            None => violations.push(format!(
+                "durability: client {} was told Committed by node {node} but never prepared",
+                client.0
+            )),
+            Some(g) => {
+                let missing: Vec<NodeId> = (1..=n as NodeId)
+                    .filter(|id| !sets[*id as usize - 1].contains(g))
+                    .collect();
+                if !missing.is_empty() {
+                    violations.push(format!(
+                        "durability: {g} acknowledged to client {} by node {node} but missing on {missing:?}",
+                        client.0
+                    ));
+                }
+            }
+        }
+    }
+    TurmoilReport {
+        seed,
+        nodes: n,
+        violations,
+        committed,
+        aborted,
+        refused,
+        unknown,
+        faults,
+        settled_after_ms,
+        sim_ms,
+        committed_txs: sets[0].len(),
+        event_hash: hash.finish(),
+    }
+}
