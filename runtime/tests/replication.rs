@@ -10,27 +10,12 @@
 use std::time::{Duration, Instant};
 
 use mm_harness::backend::local::{LocalCluster, LocalClusterConfig};
-use mm_harness::pg_bin::PgBin;
+use mm_harness::pg_bin::pg_or_skip;
 use mm_runtime::pg::replication::pgoutput::{OldTuple, PgOutputMessage as M, TupleValue};
 use mm_runtime::pg::replication::{Lsn, ReplError, ReplicationClient, ReplicationStream};
 
 const CREATE_MM: &str = "create table mm(id int primary key, info text, mod_time timestamp)";
 const STEP: Duration = Duration::from_secs(20);
-
-/// PostgreSQL 15, or None after printing why the test is skipped.
-fn pg_or_skip(test: &str) -> Option<PgBin> {
-    match PgBin::find() {
-        Ok(bin) => Some(bin),
-        Err(e) => {
-            let required = std::env::var("MM_REQUIRE_PG").is_ok_and(|v| !v.is_empty() && v != "0");
-            if required {
-                panic!("MM_REQUIRE_PG is set but PostgreSQL 15 is missing: {e:#}");
-            }
-            eprintln!("SKIPPED {test}: {e:#} (set MM_REQUIRE_PG=1 to make this a failure)");
-            None
-        }
-    }
-}
 
 /// One node with table mm and publication mm_pub; a SQL session on it.
 async fn setup(name: &str) -> (LocalCluster, tokio_postgres::Client) {
