@@ -22,18 +22,7 @@ fn free_addrs(n: usize) -> Vec<SocketAddr> {
 
 /// Short timeouts so the test runs in seconds of real time.
 fn core_config(id: NodeId) -> mm_core::Config {
-    let ms = mm_core::Time::from_millis;
-    let mut c = mm_core::Config::new(id, N);
-    c.tick_interval = ms(10);
-    c.heartbeat_interval = ms(50);
-    // Longer than the mesh's first reconnect backoffs (50+100+200+400 ms),
-    // so a peer still dialing at start-up is not voted out.
-    c.heartbeat_timeout = ms(1000);
-    c.vote_timeout = ms(1000);
-    c.resolve_after = ms(1500);
-    c.retry_interval = ms(150);
-    c.catchup_timeout = ms(2000);
-    c
+    mm_core::Config::new(id, N).with_fast_timeouts()
 }
 
 async fn start(

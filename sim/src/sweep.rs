@@ -36,10 +36,8 @@ pub fn sweep(start: u64, count: u64, nodes: usize, mutant: Option<Mutant>) -> Sw
         .into_par_iter()
         .map(|seed| {
             run_seed(&RunOptions {
-                seed,
-                nodes,
                 mutant,
-                trace: false,
+                ..RunOptions::new(seed, nodes)
             })
         })
         .collect();

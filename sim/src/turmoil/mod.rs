@@ -23,8 +23,8 @@ pub mod transport;
 pub use transport::{TurmoilListener, TurmoilTransport};
 
 use crate::fnv::Fnv;
+use mm_core::Outcome;
 use mm_core::{ClientId, DbCmd, DurableOp, Gid, Input, Mutant, NodeId, NodeSet, NodeStatus};
-use mm_core::{Outcome, Time};
 use mm_runtime::driver::{Driver, DriverHandle};
 use mm_runtime::mesh::{Mesh, MeshConfig, MeshOptions, MeshRng};
 use mm_runtime::storage::{Loaded, MemCluster, MemStorage, Storage, StorageError};
@@ -126,17 +126,9 @@ fn host_name(id: NodeId) -> String {
     format!("n{id}")
 }
 
-/// The node's configuration: the short timeouts of runtime/tests/driver.rs.
+/// The node's configuration: the fast-network timeouts the runtime's tests use.
 fn core_config(id: NodeId, n: usize, mutant: Option<Mutant>) -> mm_core::Config {
-    let ms = Time::from_millis;
-    let mut c = mm_core::Config::new(id, n);
-    c.tick_interval = ms(10);
-    c.heartbeat_interval = ms(50);
-    c.heartbeat_timeout = ms(1000);
-    c.vote_timeout = ms(1000);
-    c.resolve_after = ms(1500);
-    c.retry_interval = ms(150);
-    c.catchup_timeout = ms(2000);
+    let mut c = mm_core::Config::new(id, n).with_fast_timeouts();
     c.mutant = mutant;
     c
 }
