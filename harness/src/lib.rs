@@ -5,8 +5,10 @@
 //! - [`pg_conf`]: the settings mm needs, written per node and checked by `pg-check`;
 //! - [`backend::local`]: N local servers on loopback (start, kill -9, restart, stop on Drop);
 //! - [`pgbench`]: running the seed's pgbench scripts;
+//! - [`mm_cluster`]: an mm cluster on the local backend (PostgreSQL + one mmd each);
 //! - [`signals`], [`procs`]: stopping nodes on Ctrl-C, process groups.
 pub mod backend;
+pub mod mm_cluster;
 pub mod pg_bin;
 pub mod pg_conf;
 pub mod pgbench;

@@ -87,6 +87,8 @@ pub enum ConfigError {
     },
     #[error("timeouts.{key} must be greater than 0")]
     ZeroTimeout { key: &'static str },
+    #[error("{key} must be greater than 0")]
+    ZeroSetting { key: &'static str },
     #[error(
         "timeouts.heartbeat_timeout_ms ({timeout}) must be greater than \
          timeouts.heartbeat_interval_ms ({interval})"
@@ -110,6 +112,7 @@ pub struct NodeConfig {
     /// Every node of the cluster, this one included, by id (`1..=N`).
     pub nodes: BTreeMap<NodeId, NodeEntry>,
     pub timeouts: Timeouts,
+    pub data_plane: DataPlaneConfig,
 }
 
 impl std::fmt::Debug for NodeConfig {
@@ -122,6 +125,7 @@ impl std::fmt::Debug for NodeConfig {
             .field("postgres", &self.postgres)
             .field("nodes", &self.nodes)
             .field("timeouts", &self.timeouts)
+            .field("data_plane", &self.data_plane)
             .finish()
     }
 }
@@ -159,6 +163,33 @@ pub struct NodeEntry {
     pub id: NodeId,
     /// The node's mesh address as its peers dial it.
     pub mesh: SocketAddr,
+    /// How peers reach this node's PostgreSQL for the data plane (a
+    /// libpq-style conninfo; replication connections to `mm_slot_for_<peer>`).
+    /// Optional for tools that only use the mesh; `mmd` needs it for every peer.
+    pub postgres: Option<String>,
+}
+
+/// How remote transactions are applied here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DataPlaneConfig {
+    /// Applier sessions per peer, each bound to its own replication origin
+    /// (`mm_node_<peer>_<k>`): PostgreSQL 15 lets one session hold an origin.
+    pub appliers_per_peer: usize,
+    /// `lock_timeout` of an applier: a remote transaction that waits longer
+    /// for a row lock votes no (how crossing writes on two nodes end).
+    pub lock_timeout_ms: u64,
+    /// Sessions running `COMMIT PREPARED` / `ROLLBACK PREPARED`.
+    pub finishers: usize,
+}
+
+impl Default for DataPlaneConfig {
+    fn default() -> DataPlaneConfig {
+        DataPlaneConfig {
+            appliers_per_peer: 4,
+            lock_timeout_ms: 500,
+            finishers: 4,
+        }
+    }
 }
 
 /// Protocol timeouts in milliseconds, defaults filled in from
@@ -204,6 +235,16 @@ struct RawConfig {
     nodes: Vec<RawNode>,
     #[serde(default)]
     timeouts: RawTimeouts,
+    #[serde(default)]
+    data_plane: RawDataPlane,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDataPlane {
+    appliers_per_peer: Option<usize>,
+    lock_timeout_ms: Option<u64>,
+    finishers: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -224,6 +265,7 @@ struct RawPostgres {
 struct RawNode {
     id: NodeId,
     mesh: String,
+    postgres: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -289,7 +331,12 @@ impl NodeConfig {
         let mut nodes = BTreeMap::new();
         for n in &raw.nodes {
             let mesh = parse_addr(&format!("nodes[id = {}].mesh", n.id), &n.mesh)?;
-            if nodes.insert(n.id, NodeEntry { id: n.id, mesh }).is_some() {
+            let entry = NodeEntry {
+                id: n.id,
+                mesh,
+                postgres: n.postgres.clone(),
+            };
+            if nodes.insert(n.id, entry).is_some() {
                 return Err(ConfigError::DuplicateNodeId { id: n.id });
             }
         }
@@ -380,6 +427,28 @@ impl NodeConfig {
             });
         }
 
+        let dd = DataPlaneConfig::default();
+        let data_plane = DataPlaneConfig {
+            appliers_per_peer: raw
+                .data_plane
+                .appliers_per_peer
+                .unwrap_or(dd.appliers_per_peer),
+            lock_timeout_ms: raw.data_plane.lock_timeout_ms.unwrap_or(dd.lock_timeout_ms),
+            finishers: raw.data_plane.finishers.unwrap_or(dd.finishers),
+        };
+        for (key, v) in [
+            (
+                "data_plane.appliers_per_peer",
+                data_plane.appliers_per_peer as u64,
+            ),
+            ("data_plane.lock_timeout_ms", data_plane.lock_timeout_ms),
+            ("data_plane.finishers", data_plane.finishers as u64),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::ZeroSetting { key });
+            }
+        }
+
         Ok(NodeConfig {
             cluster_id: raw.cluster_id,
             node_id: raw.node_id,
@@ -390,6 +459,7 @@ impl NodeConfig {
             },
             nodes,
             timeouts,
+            data_plane,
         })
     }
 

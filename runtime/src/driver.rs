@@ -13,7 +13,7 @@ use mm_core::{
 };
 use std::collections::BTreeMap;
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 /// Requests to a running driver (from the client proxy, status, tests).
@@ -53,6 +53,7 @@ pub enum DriverError {
 #[derive(Clone, Debug)]
 pub struct DriverHandle {
     tx: mpsc::Sender<Command>,
+    watch: watch::Receiver<StatusSnapshot>,
 }
 
 impl DriverHandle {
@@ -66,6 +67,10 @@ impl DriverHandle {
         let (reply, rx) = oneshot::channel();
         self.tx.send(Command::Status { reply }).await.ok()?;
         rx.await.ok()
+    }
+    /// The node's status, updated as it changes (for the proxy and `mtm.status()`).
+    pub fn watch(&self) -> watch::Receiver<StatusSnapshot> {
+        self.watch.clone()
     }
     pub async fn shutdown(&self) {
         let _ = self.tx.send(Command::Shutdown).await;
@@ -82,6 +87,7 @@ pub struct Driver<S: Storage> {
     results: mpsc::UnboundedReceiver<Input>,
     pending: BTreeMap<ClientId, oneshot::Sender<Outcome>>,
     epoch: Instant,
+    watch: watch::Sender<StatusSnapshot>,
 }
 
 impl<S: Storage> Driver<S> {
@@ -115,6 +121,15 @@ impl<S: Storage> Driver<S> {
             }
         };
         let (tx, commands) = mpsc::channel(1024);
+        let first = StatusSnapshot {
+            node_id: node.id(),
+            status: node.status(),
+            generation: node.generation(),
+            connected: node.connected(),
+            links: mesh.connected(),
+            in_doubt: node.in_doubt().count(),
+        };
+        let (watch_tx, watch_rx) = watch::channel(first);
         let driver = Driver {
             node,
             storage,
@@ -125,8 +140,15 @@ impl<S: Storage> Driver<S> {
             results: results.1,
             pending: BTreeMap::new(),
             epoch,
+            watch: watch_tx,
         };
-        Ok((driver, DriverHandle { tx }))
+        Ok((
+            driver,
+            DriverHandle {
+                tx,
+                watch: watch_rx,
+            },
+        ))
     }
 
     fn now(&self) -> Time {
@@ -170,6 +192,14 @@ impl<S: Storage> Driver<S> {
                 },
             }
             self.flush().await?;
+            let snap = self.snapshot();
+            self.watch.send_if_modified(|old| {
+                let changed = *old != snap;
+                if changed {
+                    *old = snap;
+                }
+                changed
+            });
         }
         self.mesh.shutdown().await;
         Ok(())

@@ -14,4 +14,6 @@ pub mod config;
 pub mod driver;
 pub mod mesh;
 pub mod pg;
+pub mod proxy;
+pub mod status;
 pub mod storage;

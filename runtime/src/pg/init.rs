@@ -4,9 +4,10 @@
 //! - the publication the peers' pgoutput streams read (`mm_publication`, all tables);
 //! - one logical slot per peer, with `two_phase` on, so a prepared
 //!   transaction reaches the peer at PREPARE time (`mm_slot_for_<peer>`);
-//! - one replication origin per peer, which the applier binds its session to,
-//!   so changes applied for a peer are tagged and never echoed back as ours
-//!   (`mm_node_<peer>`).
+//! - one replication origin per applier of each peer, which the applier binds
+//!   its session to, so changes applied for a peer are tagged and never
+//!   echoed back as ours (`mm_node_<peer>_<k>`);
+//! - `mm.adjust_sequences`, `mtm.status()`, `mtm.nodes()` (see `functions`).
 
 use crate::config::NodeConfig;
 use crate::pg::prereq::{self, Finding};
@@ -21,10 +22,7 @@ pub fn slot_for(peer: NodeId) -> String {
     format!("mm_slot_for_{peer}")
 }
 
-/// The replication origin this node's applier uses for `peer`'s transactions.
-pub fn origin_of(peer: NodeId) -> String {
-    format!("mm_node_{peer}")
-}
+pub use super::applier::applier_origin;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {
@@ -110,6 +108,15 @@ pub async fn init_node(cfg: &NodeConfig) -> Result<InitReport, InitError> {
     let mut store = StateStore::connect(conninfo).await?;
     store.init_schema().await?;
     report.existing.push("schema mm".into());
+    client
+        .batch_execute(super::functions::FUNCTIONS)
+        .await
+        .map_err(sql(
+            "installing mm.adjust_sequences, mtm.status() and mtm.nodes()",
+        ))?;
+    report
+        .existing
+        .push("functions mm.adjust_sequences, mtm.status, mtm.nodes".into());
 
     let has_pub = client
         .query_opt(
@@ -152,23 +159,25 @@ pub async fn init_node(cfg: &NodeConfig) -> Result<InitReport, InitError> {
                 report.created.push(format!("slot {slot}"));
             }
         }
-        let origin = origin_of(peer);
-        let exists = client
-            .query_opt(
-                "select 1 from pg_replication_origin where roname = $1",
-                &[&origin],
-            )
-            .await
-            .map_err(sql("reading pg_replication_origin"))?
-            .is_some();
-        if exists {
-            report.existing.push(format!("origin {origin}"));
-        } else {
-            client
-                .query_one("select pg_replication_origin_create($1)", &[&origin])
+        for k in 0..cfg.data_plane.appliers_per_peer {
+            let origin = applier_origin(peer, k);
+            let exists = client
+                .query_opt(
+                    "select 1 from pg_replication_origin where roname = $1",
+                    &[&origin],
+                )
                 .await
-                .map_err(sql(&format!("creating origin {origin}")))?;
-            report.created.push(format!("origin {origin}"));
+                .map_err(sql("reading pg_replication_origin"))?
+                .is_some();
+            if exists {
+                report.existing.push(format!("origin {origin}"));
+            } else {
+                client
+                    .query_one("select pg_replication_origin_create($1)", &[&origin])
+                    .await
+                    .map_err(sql(&format!("creating origin {origin}")))?;
+                report.created.push(format!("origin {origin}"));
+            }
         }
     }
     Ok(report)

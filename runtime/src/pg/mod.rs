@@ -1,12 +1,25 @@
 //! PostgreSQL as the node's storage.
 //!
+//! - [`adapter`]: [`adapter::PgStorage`], the driver's storage on PostgreSQL;
+//! - [`receiver`] → [`hub`] → [`applier`]: a peer's prepared transactions,
+//!   from its WAL to a prepared transaction here; [`finisher`] commits or
+//!   rolls back decided ones; [`remote_tx`] turns changes into SQL;
+//! - [`init`], [`prereq`]: `mmctl init`;
 //! - [`state`]: the durable protocol state (`mm_core::DurableState`) in the
 //!   `mm` schema of the local database, and the prepared mm transactions
 //!   PostgreSQL holds (`pg_prepared_xacts`).
 
+pub mod adapter;
+pub mod applier;
+pub mod finisher;
+pub mod functions;
+pub mod hub;
 pub mod init;
 pub mod prereq;
+pub mod receiver;
+pub mod remote_tx;
 pub mod replication;
+pub mod sql;
 pub mod state;
 
 pub use state::StateStore;

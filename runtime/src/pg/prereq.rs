@@ -17,9 +17,10 @@ impl Requirements {
         self.max_connections.max(100) * self.nodes
     }
     /// One logical slot per peer (N-1), room for a joining node's catch-up
-    /// slots and a spare: 2N+2.
+    /// slots and a spare: 2N+2. In PostgreSQL 15 the same setting caps
+    /// replication origins, and mm binds one per applier: 4 per peer by default.
     pub fn max_replication_slots(&self) -> u32 {
-        2 * self.nodes + 2
+        (2 * self.nodes + 2).max(4 * self.nodes.saturating_sub(1))
     }
     /// Each slot is read by one walsender.
     pub fn max_wal_senders(&self) -> u32 {

@@ -1,0 +1,267 @@
+//! An mm cluster on the local backend: N PostgreSQL 15 servers
+//! ([`LocalCluster`]), each prepared by `mmctl init`'s library call and
+//! given an `mmd` process with its own TOML config, client port and mesh port.
+
+use crate::backend::local::{LocalCluster, LocalClusterConfig};
+use anyhow::{anyhow, bail, Context, Result};
+use mm_runtime::config::NodeConfig;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// Where the `mmd` binary is: `$MM_MMD_BIN`, else beside the running
+/// executable (or one directory up, for test binaries in `deps/`).
+pub fn find_mmd() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("MM_MMD_BIN") {
+        let p = PathBuf::from(p);
+        if p.is_file() {
+            return Ok(p);
+        }
+        bail!("MM_MMD_BIN={} is not a file", p.display());
+    }
+    let exe = std::env::current_exe().context("locating the running executable")?;
+    let mut dir = exe.parent().map(Path::to_path_buf);
+    for _ in 0..2 {
+        if let Some(d) = dir {
+            let cand = d.join("mmd");
+            if cand.is_file() {
+                return Ok(cand);
+            }
+            dir = d.parent().map(Path::to_path_buf);
+        }
+    }
+    bail!(
+        "the mmd binary was not found next to {}: build it with `cargo build --workspace --bins` \
+         (same profile), or set MM_MMD_BIN",
+        exe.display()
+    )
+}
+
+fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(l.local_addr()?.port())
+}
+
+pub struct MmNode {
+    pub id: usize,
+    pub client_port: u16,
+    pub mesh_port: u16,
+    pub config_path: PathBuf,
+    pub log_path: PathBuf,
+    child: Option<Child>,
+}
+
+impl MmNode {
+    /// Connection string of this node's mmd (the proxy).
+    pub fn client_conninfo(&self, dbname: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname={dbname}",
+            self.client_port
+        )
+    }
+}
+
+pub struct MmCluster {
+    pub pg: LocalCluster,
+    pub nodes: Vec<MmNode>,
+    mmd: PathBuf,
+    dbname: String,
+}
+
+/// Options of the mm side of a local cluster.
+#[derive(Clone, Debug)]
+pub struct MmOptions {
+    /// `[timeouts]` and `[data_plane]` lines appended to every config.
+    pub extra_config: String,
+    /// `RUST_LOG` for the mmd processes.
+    pub log: String,
+}
+
+impl Default for MmOptions {
+    fn default() -> Self {
+        MmOptions {
+            extra_config: String::new(),
+            log: "info".into(),
+        }
+    }
+}
+
+impl MmCluster {
+    /// Start PostgreSQL, write configs, init every node, start every mmd,
+    /// and wait until all are online.
+    pub async fn start(pg_cfg: LocalClusterConfig, opts: MmOptions) -> Result<MmCluster> {
+        let mmd = find_mmd()?;
+        let dbname = pg_cfg.dbname.clone();
+        let pg = LocalCluster::start(pg_cfg).await?;
+        let n = pg.nodes().len();
+        let mut ports = Vec::new();
+        for _ in 0..n {
+            ports.push((free_port()?, free_port()?));
+        }
+        let mut nodes_toml = String::new();
+        for (i, node) in pg.nodes().iter().enumerate() {
+            nodes_toml.push_str(&format!(
+                "[[nodes]]\nid = {}\nmesh = \"127.0.0.1:{}\"\npostgres = \"{}\"\n\n",
+                i + 1,
+                ports[i].1,
+                node.conninfo()
+            ));
+        }
+        let mut nodes = Vec::new();
+        for (i, node) in pg.nodes().iter().enumerate() {
+            let text = format!(
+                "cluster_id = \"mm-local\"\nnode_id = {}\nsecret = \"local test cluster secret\"\n\n\
+                 [listen]\nmesh = \"127.0.0.1:{}\"\nclient = \"127.0.0.1:{}\"\n\n\
+                 [postgres]\nconninfo = \"{}\"\n\n{}\n{}",
+                i + 1,
+                ports[i].1,
+                ports[i].0,
+                node.conninfo(),
+                opts.extra_config,
+                nodes_toml
+            );
+            let config_path = node.dir.join("mmd.toml");
+            std::fs::write(&config_path, &text)
+                .with_context(|| format!("writing {}", config_path.display()))?;
+            let cfg = NodeConfig::load(&config_path)
+                .map_err(|e| anyhow!("{}: {e}", config_path.display()))?;
+            mm_runtime::pg::init::init_node(&cfg)
+                .await
+                .map_err(|e| anyhow!("mmctl init of node {}: {e}", i + 1))?;
+            nodes.push(MmNode {
+                id: i + 1,
+                client_port: ports[i].0,
+                mesh_port: ports[i].1,
+                config_path,
+                log_path: node.dir.join("mmd.log"),
+                child: None,
+            });
+        }
+        let mut c = MmCluster {
+            pg,
+            nodes,
+            mmd,
+            dbname,
+        };
+        for i in 0..n {
+            c.start_mmd(i, &opts.log)?;
+        }
+        c.wait_online(Duration::from_secs(60)).await?;
+        Ok(c)
+    }
+
+    pub fn dbname(&self) -> &str {
+        &self.dbname
+    }
+
+    /// Start node `i`'s mmd (0-based).
+    pub fn start_mmd(&mut self, i: usize, log: &str) -> Result<()> {
+        let node = &mut self.nodes[i];
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log_path)
+            .with_context(|| format!("opening {}", node.log_path.display()))?;
+        let child = Command::new(&self.mmd)
+            .arg("--config")
+            .arg(&node.config_path)
+            .env("RUST_LOG", log)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting {}", self.mmd.display()))?;
+        node.child = Some(child);
+        Ok(())
+    }
+
+    /// Stop node `i`'s mmd with SIGKILL.
+    pub fn kill_mmd(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Node `i`'s status as its mmd last published it (`mtm.status()`).
+    pub async fn status(&self, i: usize) -> Result<String> {
+        let c = self.pg.connect(i).await?;
+        let row = c.query_opt("select status from mtm.status()", &[]).await?;
+        Ok(row.map(|r| r.get(0)).unwrap_or_else(|| "unknown".into()))
+    }
+
+    /// Wait until every node reports `online`; fails early if an mmd exits.
+    pub async fn wait_online(&mut self, limit: Duration) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let mut all = true;
+            for i in 0..self.nodes.len() {
+                if let Some(child) = self.nodes[i].child.as_mut() {
+                    if let Ok(Some(st)) = child.try_wait() {
+                        bail!(
+                            "mmd of node {} exited ({st}); its log: {}\n{}",
+                            i + 1,
+                            self.nodes[i].log_path.display(),
+                            tail(&self.nodes[i].log_path, 20)
+                        );
+                    }
+                }
+                if self.status(i).await.ok().as_deref() != Some("online") {
+                    all = false;
+                }
+            }
+            if all {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("the cluster did not come online within {limit:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Connect to node `i` through its mmd.
+    pub async fn connect_proxy(&self, i: usize) -> Result<tokio_postgres::Client> {
+        let conninfo = self.nodes[i].client_conninfo(&self.dbname);
+        let (client, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+            .await
+            .with_context(|| format!("connecting to mmd of node {} ({conninfo})", i + 1))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(client)
+    }
+
+    pub fn stop_mmds(&mut self) {
+        for n in &mut self.nodes {
+            if let Some(mut c) = n.child.take() {
+                // SIGTERM first: mmd stops its driver cleanly.
+                unsafe {
+                    libc::kill(c.id() as i32, libc::SIGTERM);
+                }
+                let deadline = std::time::Instant::now() + Duration::from_secs(3);
+                while std::time::Instant::now() < deadline {
+                    if let Ok(Some(_)) = c.try_wait() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+impl Drop for MmCluster {
+    fn drop(&mut self) {
+        self.stop_mmds();
+    }
+}
+
+/// The last `n` lines of a log file.
+pub fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}

@@ -1,0 +1,134 @@
+//! mmd: the mm daemon beside one PostgreSQL 15 server. Runs the protocol
+//! core (driver), the control-plane mesh, one data-plane receiver per peer,
+//! the appliers and finishers, the client proxy and the status publisher.
+
+use clap::Parser;
+use mm_runtime::config::NodeConfig;
+use mm_runtime::driver::Driver;
+use mm_runtime::mesh::{Mesh, MeshConfig};
+use mm_runtime::pg::adapter::PgStorage;
+use mm_runtime::pg::hub::Hub;
+use mm_runtime::pg::receiver::{run_receiver, ReceiverSettings};
+use mm_runtime::proxy::backend::BackendAddr;
+use mm_runtime::proxy::{serve, ProxyContext};
+use mm_runtime::status::run_status_writer;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+#[derive(Parser)]
+#[command(
+    name = "mmd",
+    about = "mm daemon: synchronous multi-master beside PostgreSQL 15"
+)]
+struct Cli {
+    /// The node's TOML configuration.
+    #[arg(long)]
+    config: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let cfg = match NodeConfig::load(&cli.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("mmd: {}: {e}", cli.config.display());
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("mmd: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(run(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mmd: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(cfg: NodeConfig) -> Result<(), String> {
+    let mut peers = Vec::new();
+    for n in cfg.nodes.values().filter(|n| n.id != cfg.node_id) {
+        let conninfo = n.postgres.clone().ok_or_else(|| {
+            format!(
+                "nodes[id = {}].postgres is missing: mmd streams every peer's changes from its \
+                 PostgreSQL, so each [[nodes]] entry needs a conninfo",
+                n.id
+            )
+        })?;
+        peers.push((n.id, conninfo));
+    }
+    let backend = BackendAddr::from_conninfo(&cfg.postgres.conninfo)?;
+    tracing::info!("starting {cfg}");
+
+    let hub = Arc::new(Hub::new());
+    let storage = PgStorage::start(&cfg, hub.clone())
+        .await
+        .map_err(|e| format!("{e} (is PostgreSQL running, and did `mmctl init` prepare it?)"))?;
+    let mesh_cfg = MeshConfig::from_node_config(&cfg).map_err(|e| e.to_string())?;
+    let (mesh, inbox) = Mesh::start(mesh_cfg)
+        .await
+        .map_err(|e| format!("cannot listen on {} for the mesh: {e}", cfg.listen.mesh))?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (driver, handle) =
+        Driver::start(cfg.to_core_config(), storage, mesh, inbox, (tx.clone(), rx))
+            .await
+            .map_err(|e| format!("{e} (did `mmctl init` prepare this node?)"))?;
+
+    for (peer, conninfo) in peers {
+        let s = ReceiverSettings {
+            me: cfg.node_id,
+            peer,
+            peer_conninfo: conninfo,
+        };
+        tokio::spawn(run_receiver(s, hub.clone(), tx.clone()));
+    }
+    drop(tx);
+
+    let listener = tokio::net::TcpListener::bind(cfg.listen.client)
+        .await
+        .map_err(|e| format!("cannot listen on {} for clients: {e}", cfg.listen.client))?;
+    let ctx = Arc::new(ProxyContext::new(
+        cfg.node_id,
+        cfg.nodes.len(),
+        backend,
+        handle.clone(),
+        hub.clone(),
+        handle.watch(),
+    ));
+    tokio::spawn(async move {
+        if let Err(e) = serve(listener, ctx).await {
+            tracing::error!("client listener failed: {e}");
+        }
+    });
+    tokio::spawn(run_status_writer(cfg.clone(), handle.watch(), hub.clone()));
+
+    let stopper = handle.clone();
+    tokio::spawn(async move {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
+        }
+        tracing::info!("stopping");
+        stopper.shutdown().await;
+    });
+    tracing::info!(client = %cfg.listen.client, "mmd is running");
+    driver.run().await.map_err(|e| e.to_string())
+}

@@ -1,0 +1,167 @@
+//! Appliers: replay a peer's prepared transaction here and prepare it under
+//! the same gid (`ApplyAndPrepare`). Each worker owns one session bound to
+//! its own replication origin (`mm_node_<peer>_<k>`: in PostgreSQL 15 one
+//! session holds an origin at a time, and parallel workers keep one slow
+//! transaction from stalling a peer's stream), runs with
+//! `session_replication_role = replica` (triggers and FK checks already ran
+//! on the origin, as in PostgreSQL's own apply worker), and waits for row
+//! locks at most `lock_timeout`: a waiting applier votes no, which is how
+//! two nodes' crossing writes end instead of deadlocking.
+
+use super::hub::Hub;
+use super::remote_tx::{Change, RemoteTx};
+use super::sql::quote_literal;
+use mm_core::{DbResult, Gid, Input, NodeId};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc::UnboundedSender;
+use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+
+/// The origin applier `k` of `peer`'s transactions binds its session to.
+pub fn applier_origin(peer: NodeId, k: usize) -> String {
+    format!("mm_node_{peer}_{k}")
+}
+
+pub struct ApplyJob {
+    pub tx: RemoteTx,
+    pub results: UnboundedSender<Input>,
+}
+
+#[derive(Clone)]
+pub struct ApplierSettings {
+    pub conninfo: String,
+    pub lock_timeout_ms: u64,
+    pub nodes: usize,
+    pub node_id: NodeId,
+}
+
+/// Run worker `k` for `peer` until the job queue closes.
+pub async fn run_applier(
+    peer: NodeId,
+    k: usize,
+    settings: ApplierSettings,
+    jobs: async_channel::Receiver<ApplyJob>,
+    hub: Arc<Hub>,
+) {
+    let origin = applier_origin(peer, k);
+    let mut client: Option<Client> = None;
+    while let Ok(job) = jobs.recv().await {
+        let gid = job.tx.gid;
+        // The transactions the peer decided before this one must be done
+        // here first; if a decision is slow, replay anyway: a row they wrote
+        // that is missing makes this one vote no rather than diverge.
+        if !job.tx.after.is_empty() {
+            let limit = Duration::from_millis(settings.lock_timeout_ms * 4);
+            if !hub.wait_finished(&job.tx.after, limit).await {
+                tracing::debug!(%gid, "applying before earlier decisions finished");
+            }
+        }
+        let ok = loop {
+            if client.as_ref().is_none_or(|c| c.is_closed()) {
+                match connect(&settings.conninfo, &origin).await {
+                    Ok(c) => client = Some(c),
+                    Err(e) => {
+                        tracing::warn!(peer, worker = k, "applier cannot connect: {e}");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        continue;
+                    }
+                }
+            }
+            let c = client.as_ref().expect("connected above");
+            match apply(c, &job.tx, &settings).await {
+                Ok(()) => break true,
+                Err(e) if c.is_closed() => {
+                    tracing::warn!(%gid, "applier lost its session, retrying: {e}");
+                }
+                Err(e) => {
+                    tracing::info!(%gid, peer, "remote transaction votes no: {e}");
+                    let _ = c.simple_query("ROLLBACK").await;
+                    break false;
+                }
+            }
+        };
+        hub.mark_applied(gid, ok);
+        let _ = job
+            .results
+            .send(Input::Db(DbResult::RemotePrepared { gid, ok }));
+    }
+}
+
+async fn connect(conninfo: &str, origin: &str) -> Result<Client, String> {
+    let (client, conn) = tokio_postgres::connect(conninfo, NoTls)
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let setup = format!(
+        "SET session_replication_role = replica; SET default_transaction_read_only = off; \
+         SELECT pg_replication_origin_session_setup({})",
+        quote_literal(origin)
+    );
+    client
+        .simple_query(&setup)
+        .await
+        .map_err(|e| format!("binding to origin {origin}: {}", pg_message(&e)))?;
+    Ok(client)
+}
+
+/// PostgreSQL's own message (and SQLSTATE) when it sent one.
+pub fn pg_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => e.to_string(),
+    }
+}
+
+async fn apply(c: &Client, tx: &RemoteTx, s: &ApplierSettings) -> Result<(), String> {
+    let mut stmts = Vec::new();
+    let mut ddl = false;
+    for ch in &tx.changes {
+        ddl |= matches!(ch, Change::Ddl { .. });
+        stmts.extend(ch.to_sql().map_err(|e| e.to_string())?);
+    }
+    let mut sql = format!("BEGIN; SET LOCAL lock_timeout = '{}ms'", s.lock_timeout_ms);
+    for st in &stmts {
+        sql.push_str(";\n");
+        sql.push_str(&st.sql);
+    }
+    if ddl {
+        sql.push_str(&format!(
+            ";\nSELECT mm.adjust_sequences({}, {})",
+            s.nodes, s.node_id
+        ));
+    }
+    let msgs = c.simple_query(&sql).await.map_err(|e| pg_message(&e))?;
+    let counts: Vec<u64> = msgs
+        .iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::CommandComplete(n) => Some(*n),
+            _ => None,
+        })
+        .collect();
+    // counts: BEGIN, SET, then one per statement.
+    for (i, st) in stmts.iter().enumerate() {
+        let got = counts.get(i + 2).copied();
+        if let Some(want) = st.expect_rows {
+            if got != Some(want) {
+                return Err(format!(
+                    "{} changed {} rows here, 1 on the origin: this node lacks the row",
+                    st.sql.split(" WHERE ").next().unwrap_or(&st.sql),
+                    got.map_or("no".to_string(), |n| n.to_string())
+                ));
+            }
+        }
+    }
+    prepare(c, &tx.gid).await
+}
+
+async fn prepare(c: &Client, gid: &Gid) -> Result<(), String> {
+    c.simple_query(&format!(
+        "PREPARE TRANSACTION {}",
+        quote_literal(&gid.to_string())
+    ))
+    .await
+    .map(|_| ())
+    .map_err(|e| pg_message(&e))
+}

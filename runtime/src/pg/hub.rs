@@ -1,0 +1,141 @@
+//! What the proxy's sessions, the data-plane receivers, the appliers and the
+//! storage adapter share inside one `mmd`: the sessions waiting to prepare,
+//! the delivered remote transactions waiting for the core's verdict, and the
+//! remote transactions prepared here and not yet finished.
+
+use super::remote_tx::RemoteTx;
+use mm_core::{ClientId, Gid, Input};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+use std::time::Duration;
+use tokio::sync::{mpsc, Notify};
+
+/// What the storage asks of a client session in the middle of its commit.
+#[derive(Debug)]
+pub enum SessionCmd {
+    /// Prepare the open transaction under `gid`, report `LocalPrepared` on `results`.
+    Prepare {
+        gid: Gid,
+        results: mpsc::UnboundedSender<Input>,
+    },
+    /// Abandon the open transaction.
+    Rollback,
+}
+
+#[derive(Default)]
+struct Inner {
+    sessions: BTreeMap<ClientId, mpsc::UnboundedSender<SessionCmd>>,
+    remote: BTreeMap<Gid, RemoteTx>,
+    applying: BTreeSet<Gid>,
+    applied: BTreeSet<Gid>,
+    /// Per peer: is its data-plane stream up?
+    receivers: BTreeMap<mm_core::NodeId, bool>,
+}
+
+#[derive(Default)]
+pub struct Hub {
+    inner: Mutex<Inner>,
+    finished: Notify,
+}
+
+impl Hub {
+    pub fn new() -> Hub {
+        Hub::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set_receiver_up(&self, peer: mm_core::NodeId, up: bool) {
+        self.lock().receivers.insert(peer, up);
+    }
+    pub fn receiver_up(&self, peer: mm_core::NodeId) -> bool {
+        self.lock().receivers.get(&peer).copied().unwrap_or(false)
+    }
+
+    pub fn register_session(&self, client: ClientId, tx: mpsc::UnboundedSender<SessionCmd>) {
+        self.lock().sessions.insert(client, tx);
+    }
+    pub fn unregister_session(&self, client: ClientId) {
+        self.lock().sessions.remove(&client);
+    }
+    /// Hand `cmd` to the session of `client`; gives it back if the session is gone.
+    pub fn to_session(&self, client: ClientId, cmd: SessionCmd) -> Result<(), SessionCmd> {
+        match self.lock().sessions.get(&client) {
+            Some(tx) => tx.send(cmd).map_err(|e| e.0),
+            None => Err(cmd),
+        }
+    }
+
+    /// A peer's prepared transaction arrived: keep it until the core decides.
+    pub fn deliver(&self, tx: RemoteTx) {
+        self.lock().remote.insert(tx.gid, tx);
+    }
+    /// The core dropped it unapplied.
+    pub fn discard_remote(&self, gid: &Gid) -> Option<RemoteTx> {
+        self.lock().remote.remove(gid)
+    }
+    /// The core wants it applied: it is handed to an applier.
+    pub fn take_for_apply(&self, gid: &Gid) -> Option<RemoteTx> {
+        let mut i = self.lock();
+        let tx = i.remote.remove(gid)?;
+        i.applying.insert(*gid);
+        Some(tx)
+    }
+    /// Neither waiting for the core, nor being applied, nor prepared here:
+    /// its data-plane position can be confirmed to the peer.
+    pub fn is_settled(&self, gid: &Gid) -> bool {
+        let i = self.lock();
+        !i.remote.contains_key(gid) && !i.applying.contains(gid) && !i.applied.contains(gid)
+    }
+    /// Being applied or prepared here (not finished).
+    pub fn is_open(&self, gid: &Gid) -> bool {
+        let i = self.lock();
+        i.applying.contains(gid) || i.applied.contains(gid)
+    }
+    pub fn remote_pending(&self) -> usize {
+        self.lock().remote.len()
+    }
+
+    /// An applier is done with it: prepared here (`ok`) or voted no.
+    pub fn mark_applied(&self, gid: Gid, ok: bool) {
+        let mut i = self.lock();
+        i.applying.remove(&gid);
+        if ok {
+            i.applied.insert(gid);
+        }
+        drop(i);
+        if !ok {
+            self.finished.notify_waiters();
+        }
+    }
+    /// It was committed or rolled back here.
+    pub fn mark_finished(&self, gid: &Gid) {
+        self.lock().applied.remove(gid);
+        self.finished.notify_waiters();
+    }
+    pub fn is_applied(&self, gid: &Gid) -> bool {
+        self.lock().applied.contains(gid)
+    }
+    pub fn applied_count(&self) -> usize {
+        self.lock().applied.len()
+    }
+
+    /// Wait until none of `gids` is prepared here any more, at most `limit`.
+    /// Returns false on timeout.
+    pub async fn wait_finished(&self, gids: &[Gid], limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let notified = self.finished.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if !gids.iter().any(|g| self.is_open(g)) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return !gids.iter().any(|g| self.is_open(g));
+            }
+        }
+    }
+}

@@ -1,0 +1,332 @@
+//! Receivers: one per peer, streaming the peer's PostgreSQL WAL through the
+//! slot reserved for this node (`mm_slot_for_<me>`, pgoutput with
+//! `two_phase` and `messages`). A transaction the peer prepared under an mm
+//! gid of its own is delivered to the core (`RemoteTx`); everything else is
+//! not ours to apply: the peer's own protocol-state writes (`mm` schema),
+//! transactions it applied for other nodes (echoes: an Origin message, or a
+//! gid of another origin), and writes made on the peer outside mm.
+//!
+//! A position is confirmed to the peer only once every transaction before
+//! it is settled here (dropped, or prepared and then finished), so a
+//! restarted receiver is sent again whatever is still open.
+
+use super::hub::Hub;
+use super::init::{slot_for, PUBLICATION};
+use super::remote_tx::{parse_ddl, Change, RemoteTx, CATCHUP_PREFIX, DDL_PREFIX};
+use super::replication::conn::ReplicationClient;
+use super::replication::pgoutput::{PgOutputMessage, Relation};
+use super::replication::Lsn;
+use mm_core::{Gid, Input, NodeId};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc::UnboundedSender;
+
+pub struct ReceiverSettings {
+    pub me: NodeId,
+    pub peer: NodeId,
+    pub peer_conninfo: String,
+}
+
+/// Stream from `peer` forever, reconnecting with backoff.
+pub async fn run_receiver(s: ReceiverSettings, hub: Arc<Hub>, results: UnboundedSender<Input>) {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let r = stream_once(&s, &hub, &results).await;
+        hub.set_receiver_up(s.peer, false);
+        match r {
+            Ok(()) => {
+                tracing::info!(peer = s.peer, "data-plane stream ended, reconnecting");
+                delay = Duration::from_millis(200);
+            }
+            Err(e) => {
+                tracing::warn!(peer = s.peer, "data-plane stream from peer failed: {e}");
+            }
+        }
+        if results.is_closed() {
+            return;
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// The transaction being read from the stream.
+struct Building {
+    gid: Option<Gid>,
+    echo: bool,
+    changes: Vec<Change>,
+    /// Touched a table outside the `mm` schema.
+    user_rows: bool,
+    bad: Option<String>,
+}
+
+/// A catch-up mark for this node: report when everything before it is settled.
+struct Mark {
+    at: Lsn,
+    upto_gen: Option<u64>,
+}
+
+async fn stream_once(
+    s: &ReceiverSettings,
+    hub: &Arc<Hub>,
+    results: &UnboundedSender<Input>,
+) -> Result<(), String> {
+    let client = ReplicationClient::connect(&s.peer_conninfo)
+        .await
+        .map_err(|e| format!("connecting to {}: {e}", redact(&s.peer_conninfo)))?;
+    let mut stream = client
+        .start(&slot_for(s.me), PUBLICATION, Lsn(0))
+        .await
+        .map_err(|e| format!("starting replication from slot {}: {e}", slot_for(s.me)))?;
+    stream.set_status_interval(Duration::from_secs(1));
+    tracing::info!(peer = s.peer, "data-plane stream started");
+    hub.set_receiver_up(s.peer, true);
+
+    let mut rels: BTreeMap<u32, Arc<Relation>> = BTreeMap::new();
+    let mut cur: Option<Building> = None;
+    // Delivered and not yet settled here, by prepare LSN.
+    let mut inflight: BTreeMap<Lsn, Gid> = BTreeMap::new();
+    // Decided in the peer's stream while still open here.
+    let mut decided: BTreeSet<Gid> = BTreeSet::new();
+    let mut marks: Vec<Mark> = Vec::new();
+    let mut outside_mm_warned = false;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    loop {
+        let next = tokio::select! {
+            biased;
+            r = stream.next() => r.map_err(|e| e.to_string())?,
+            _ = tick.tick() => {
+                inflight.retain(|_, g| !hub.is_settled(g));
+                decided.retain(|g| hub.is_open(g));
+                marks.retain(|m| {
+                    let done = inflight.range(..m.at).next().is_none();
+                    if done {
+                        let _ = results.send(Input::CatchupApplied { donor: s.peer, upto_gen: m.upto_gen });
+                    }
+                    !done
+                });
+                let safe = match inflight.keys().next() {
+                    Some(first) => *first,
+                    None if cur.is_none() => stream.received(),
+                    None => stream.confirmed(),
+                };
+                if safe > stream.confirmed() {
+                    stream.confirm(safe).await.map_err(|e| e.to_string())?;
+                }
+                continue;
+            }
+        };
+        let Some((lsn, msg)) = next else {
+            return Ok(());
+        };
+        match msg {
+            PgOutputMessage::Relation(r) => {
+                rels.insert(r.rel_id, Arc::new(r));
+            }
+            PgOutputMessage::Type(_) => {}
+            PgOutputMessage::Begin(_) => {
+                cur = Some(Building {
+                    gid: None,
+                    echo: false,
+                    changes: Vec::new(),
+                    user_rows: false,
+                    bad: None,
+                });
+            }
+            PgOutputMessage::BeginPrepare(b) => {
+                let gid = b.gid.parse::<Gid>().ok();
+                cur = Some(Building {
+                    echo: gid.is_none_or(|g| g.origin != s.peer),
+                    gid,
+                    changes: Vec::new(),
+                    user_rows: false,
+                    bad: None,
+                });
+            }
+            PgOutputMessage::Origin(_) => {
+                if let Some(c) = cur.as_mut() {
+                    c.echo = true;
+                }
+            }
+            PgOutputMessage::Insert(i) => push_row(&mut cur, &rels, i.rel_id, |rel| {
+                Change::Insert { rel, new: i.new }
+            }),
+            PgOutputMessage::Update(u) => {
+                push_row(&mut cur, &rels, u.rel_id, |rel| Change::Update {
+                    rel,
+                    old: u.old,
+                    new: u.new,
+                })
+            }
+            PgOutputMessage::Delete(d) => push_row(&mut cur, &rels, d.rel_id, |rel| {
+                Change::Delete { rel, old: d.old }
+            }),
+            PgOutputMessage::Truncate(t) => {
+                if let Some(c) = cur.as_mut() {
+                    let found: Option<Vec<Arc<Relation>>> =
+                        t.rel_ids.iter().map(|id| rels.get(id).cloned()).collect();
+                    match found {
+                        Some(list) => {
+                            let list: Vec<_> =
+                                list.into_iter().filter(|r| r.namespace != "mm").collect();
+                            if !list.is_empty() {
+                                c.user_rows = true;
+                                c.changes.push(Change::Truncate {
+                                    rels: list,
+                                    cascade: t.cascade,
+                                    restart_identity: t.restart_identity,
+                                });
+                            }
+                        }
+                        None => c.bad = Some("TRUNCATE of an unknown relation".into()),
+                    }
+                }
+            }
+            PgOutputMessage::Message(m) => {
+                if m.transactional {
+                    if let Some(c) = cur.as_mut() {
+                        if m.prefix == DDL_PREFIX {
+                            match parse_ddl(&m.content) {
+                                Ok(ch) => {
+                                    c.user_rows = true;
+                                    c.changes.push(ch);
+                                }
+                                Err(e) => c.bad = Some(e.to_string()),
+                            }
+                        }
+                    }
+                } else if m.prefix == CATCHUP_PREFIX {
+                    if let Some(mark) = parse_mark(&m.content, s.me, lsn) {
+                        tracing::info!(peer = s.peer, upto_gen = ?mark.upto_gen, "catch-up mark received");
+                        marks.push(mark);
+                    }
+                }
+            }
+            PgOutputMessage::Commit(_) => {
+                if let Some(c) = cur.take() {
+                    if c.user_rows && !c.echo && !outside_mm_warned {
+                        outside_mm_warned = true;
+                        tracing::warn!(
+                            peer = s.peer,
+                            "the peer committed writes outside mm (a direct session, not through \
+                             mmd): they are not replicated"
+                        );
+                    }
+                }
+            }
+            PgOutputMessage::Prepare(p) => {
+                let Some(c) = cur.take() else { continue };
+                let Some(gid) = c.gid else { continue };
+                if c.echo {
+                    continue;
+                }
+                if let Some(why) = c.bad {
+                    // Deliver nothing: the core's vote timeout aborts it everywhere.
+                    tracing::error!(%gid, peer = s.peer, "cannot replay a remote transaction: {why}");
+                    continue;
+                }
+                decided.retain(|g| hub.is_open(g));
+                let tx = RemoteTx {
+                    gid,
+                    changes: c.changes,
+                    end_lsn: p.end_lsn,
+                    after: decided.iter().copied().collect(),
+                };
+                inflight.insert(p.prepare_lsn, gid);
+                hub.deliver(tx);
+                if results.send(Input::RemoteTx { gid }).is_err() {
+                    return Ok(()); // the driver stopped
+                }
+            }
+            PgOutputMessage::CommitPrepared(cp) => {
+                if let Ok(gid) = cp.gid.parse::<Gid>() {
+                    if gid.origin == s.peer && hub.is_open(&gid) {
+                        decided.insert(gid);
+                    }
+                }
+            }
+            PgOutputMessage::RollbackPrepared(rp) => {
+                if let Ok(gid) = rp.gid.parse::<Gid>() {
+                    if gid.origin == s.peer && hub.is_open(&gid) {
+                        decided.insert(gid);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn push_row(
+    cur: &mut Option<Building>,
+    rels: &BTreeMap<u32, Arc<Relation>>,
+    rel_id: u32,
+    make: impl FnOnce(Arc<Relation>) -> Change,
+) {
+    let Some(c) = cur.as_mut() else { return };
+    match rels.get(&rel_id) {
+        Some(rel) if rel.namespace == "mm" => {}
+        Some(rel) => {
+            c.user_rows = true;
+            c.changes.push(make(rel.clone()));
+        }
+        None => c.bad = Some(format!("row of unknown relation {rel_id}")),
+    }
+}
+
+/// `to:from_gen:upto_gen` (upto `-` for none), for node `me` only.
+fn parse_mark(content: &[u8], me: NodeId, at: Lsn) -> Option<Mark> {
+    let text = std::str::from_utf8(content).ok()?;
+    let mut parts = text.split(':');
+    let to: NodeId = parts.next()?.parse().ok()?;
+    let _from: u64 = parts.next()?.parse().ok()?;
+    let upto = parts.next()?;
+    if to != me {
+        return None;
+    }
+    let upto_gen = if upto == "-" {
+        None
+    } else {
+        Some(upto.parse().ok()?)
+    };
+    Some(Mark { at, upto_gen })
+}
+
+/// A conninfo without its password, for logs.
+pub fn redact(conninfo: &str) -> String {
+    conninfo
+        .split_whitespace()
+        .map(|kv| {
+            if kv.starts_with("password=") {
+                "password=***"
+            } else {
+                kv
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marks_are_for_one_node() {
+        assert!(parse_mark(b"2:1:3", 1, Lsn(5)).is_none());
+        let m = parse_mark(b"1:1:3", 1, Lsn(5)).unwrap();
+        assert_eq!((m.at, m.upto_gen), (Lsn(5), Some(3)));
+        assert_eq!(parse_mark(b"1:1:-", 1, Lsn(5)).unwrap().upto_gen, None);
+        assert!(parse_mark(b"junk", 1, Lsn(5)).is_none());
+    }
+
+    #[test]
+    fn passwords_stay_out_of_logs() {
+        assert_eq!(
+            redact("host=a password=s3cret port=1"),
+            "host=a password=*** port=1"
+        );
+    }
+}
