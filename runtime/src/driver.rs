@@ -191,6 +191,7 @@ impl<S: Storage> Driver<S> {
                     }
                 },
             }
+            self.drain_ready();
             self.flush().await?;
             let snap = self.snapshot();
             self.watch.send_if_modified(|old| {
@@ -205,12 +206,48 @@ impl<S: Storage> Driver<S> {
         Ok(())
     }
 
-    /// Carry out the node's outputs in order.
+    /// Handle what else is already waiting (peers' messages, database
+    /// results), so one flush persists the state of many transactions in
+    /// one database transaction. Bounded, so commands and timers still run.
+    fn drain_ready(&mut self) {
+        for _ in 0..256 {
+            let input = if let Ok((from, msg)) = self.inbox.try_recv() {
+                Input::Receive { from, msg }
+            } else if let Ok(input) = self.results.try_recv() {
+                input
+            } else {
+                return;
+            };
+            let now = self.now();
+            self.node.handle(now, input);
+        }
+    }
+
+    /// Carry out the node's outputs: first make every state change durable
+    /// (one batch), then the rest in order. Persisting before any of them
+    /// keeps the rule that nothing leaves before the state it asserts is on
+    /// disk; persisting some state earlier than the core emitted it is
+    /// harmless, as the core already acts on it.
     async fn flush(&mut self) -> Result<(), DriverError> {
+        let mut outs = Vec::new();
         while let Some(out) = self.node.poll_output() {
+            outs.push(out);
+        }
+        let persist: Vec<DurableOp> = outs
+            .iter()
+            .filter_map(|o| match o {
+                Output::Persist(op) => Some(op.clone()),
+                _ => None,
+            })
+            .collect();
+        if !persist.is_empty() {
+            tracing::trace!(node = self.node.id(), ops = persist.len(), "persist batch");
+            self.storage.persist_batch(&persist).await?;
+        }
+        for out in outs {
             tracing::trace!(node = self.node.id(), output = ?out);
             match out {
-                Output::Persist(op) => self.storage.persist(&op).await?,
+                Output::Persist(_) => {}
                 Output::Send { to, msg } => self.mesh.send(to, msg),
                 Output::Db(cmd) => self.storage.execute(cmd, &self.results_tx),
                 Output::Reply { client, outcome } => {

@@ -33,6 +33,19 @@ pub trait Storage: Send + 'static {
     fn load(&mut self) -> impl Future<Output = Result<Loaded, StorageError>> + Send;
     /// Make `op` durable. The driver releases no later output before this returns.
     fn persist(&mut self, op: &DurableOp) -> impl Future<Output = Result<(), StorageError>> + Send;
+    /// Make all of `ops` durable, in order; one database transaction where
+    /// the storage can (the driver batches what one round of inputs produced).
+    fn persist_batch(
+        &mut self,
+        ops: &[DurableOp],
+    ) -> impl Future<Output = Result<(), StorageError>> + Send {
+        async move {
+            for op in ops {
+                self.persist(op).await?;
+            }
+            Ok(())
+        }
+    }
     /// Start a database command; its result, if it has one, arrives later on `results`.
     fn execute(&mut self, cmd: DbCmd, results: &UnboundedSender<Input>);
 }

@@ -78,6 +78,10 @@ impl Storage for PgStorage {
         self.state.persist(op).await
     }
 
+    async fn persist_batch(&mut self, ops: &[DurableOp]) -> Result<(), StorageError> {
+        self.state.persist_batch(ops).await
+    }
+
     fn execute(&mut self, cmd: DbCmd, results: &UnboundedSender<Input>) {
         match cmd {
             DbCmd::PrepareLocal { client, gid } => {

@@ -157,53 +157,34 @@ impl StateStore {
     /// Makes `op` durable: one autocommitted statement, so it is on disk
     /// when this returns (`synchronous_commit = on`, the default).
     pub async fn persist(&mut self, op: &DurableOp) -> Result<(), StorageError> {
+        self.persist_batch(std::slice::from_ref(op)).await
+    }
+
+    /// Makes all of `ops` durable in one transaction, its statements
+    /// pipelined: one commit (one WAL flush) for a whole round of the driver.
+    pub async fn persist_batch(&mut self, ops: &[DurableOp]) -> Result<(), StorageError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
         if self.stmts.is_none() {
             self.stmts = Some(self.prepare().await?);
         }
         let s = self.stmts.as_ref().expect("prepared above");
-        let what = || format!("persisting {op:?}");
-        let res = match op {
-            DurableOp::Boot(b) => self.client.execute(&s.boot, &[&i64::from(*b)]).await,
-            DurableOp::PromiseGen(n) => {
-                let n = to_i64(*n, "promised generation")?;
-                self.client.execute(&s.promise, &[&n]).await
-            }
-            DurableOp::AdoptGen(g) => {
-                let num = to_i64(g.num, "generation")?;
-                let members = i64::from(g.members.0);
-                let donors = i64::from(g.donors.0);
-                self.client
-                    .execute(&s.adopt, &[&num, &members, &donors])
-                    .await
-            }
-            DurableOp::LastOnline(n) => {
-                let n = to_i64(*n, "last online generation")?;
-                self.client.execute(&s.last_online, &[&n]).await
-            }
-            DurableOp::Tx(gid, rec) => {
-                let gid = gid.to_string();
-                let p_round = rec.promised.map(|b| i64::from(b.round));
-                let p_node = rec.promised.map(|b| i32::from(b.node));
-                let a_round = rec.accepted.map(|(b, _)| i64::from(b.round));
-                let a_node = rec.accepted.map(|(b, _)| i32::from(b.node));
-                let a_commit = rec.accepted.map(|(_, v)| v);
-                self.client
-                    .execute(
-                        &s.tx,
-                        &[
-                            &gid,
-                            &p_round,
-                            &p_node,
-                            &a_round,
-                            &a_node,
-                            &a_commit,
-                            &rec.decided,
-                        ],
-                    )
-                    .await
-            }
-        };
-        res.map(|_| ()).map_err(|e| db_error(&what(), &e))
+        if ops.len() == 1 {
+            return execute_op(&self.client, s, &ops[0]).await;
+        }
+        let tx = self
+            .client
+            .transaction()
+            .await
+            .map_err(|e| db_error("beginning a state batch", &e))?;
+        let all = futures::future::join_all(ops.iter().map(|op| execute_op(&tx, s, op))).await;
+        for r in all {
+            r?;
+        }
+        tx.commit()
+            .await
+            .map_err(|e| db_error("committing a state batch", &e))
     }
 
     /// What this node finds when it starts: [`Loaded::Fresh`] if it never
@@ -377,4 +358,52 @@ fn decode_tx(row: &Row) -> Result<(Gid, TxRecord), StorageError> {
             decided,
         },
     ))
+}
+
+/// One state change as one statement.
+async fn execute_op(
+    c: &impl tokio_postgres::GenericClient,
+    s: &Prepared,
+    op: &DurableOp,
+) -> Result<(), StorageError> {
+    let what = || format!("persisting {op:?}");
+    let res = match op {
+        DurableOp::Boot(b) => c.execute(&s.boot, &[&i64::from(*b)]).await,
+        DurableOp::PromiseGen(n) => {
+            let n = to_i64(*n, "promised generation")?;
+            c.execute(&s.promise, &[&n]).await
+        }
+        DurableOp::AdoptGen(g) => {
+            let num = to_i64(g.num, "generation")?;
+            let members = i64::from(g.members.0);
+            let donors = i64::from(g.donors.0);
+            c.execute(&s.adopt, &[&num, &members, &donors]).await
+        }
+        DurableOp::LastOnline(n) => {
+            let n = to_i64(*n, "last online generation")?;
+            c.execute(&s.last_online, &[&n]).await
+        }
+        DurableOp::Tx(gid, rec) => {
+            let gid = gid.to_string();
+            let p_round = rec.promised.map(|b| i64::from(b.round));
+            let p_node = rec.promised.map(|b| i32::from(b.node));
+            let a_round = rec.accepted.map(|(b, _)| i64::from(b.round));
+            let a_node = rec.accepted.map(|(b, _)| i32::from(b.node));
+            let a_commit = rec.accepted.map(|(_, v)| v);
+            c.execute(
+                &s.tx,
+                &[
+                    &gid,
+                    &p_round,
+                    &p_node,
+                    &a_round,
+                    &a_node,
+                    &a_commit,
+                    &rec.decided,
+                ],
+            )
+            .await
+        }
+    };
+    res.map(|_| ()).map_err(|e| db_error(&what(), &e))
 }
