@@ -5,9 +5,12 @@
 //! - [`pg_conf`]: the settings mm needs, written per node and checked by `pg-check`;
 //! - [`backend::local`]: N local servers on loopback (start, kill -9, restart, stop on Drop);
 //! - [`pgbench`]: running the seed's pgbench scripts;
+//! - [`checks`]: reading every node directly after a run: hash sums, bank
+//!   totals, acknowledged writes, leftover prepared transactions;
 //! - [`mm_cluster`]: an mm cluster on the local backend (PostgreSQL + one mmd each);
 //! - [`signals`], [`procs`]: stopping nodes on Ctrl-C, process groups.
 pub mod backend;
+pub mod checks;
 pub mod mm_cluster;
 pub mod pg_bin;
 pub mod pg_conf;
