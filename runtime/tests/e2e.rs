@@ -15,7 +15,7 @@ async fn cluster(name: &str) -> Option<MmCluster> {
     let opts = MmOptions {
         extra_config: "[timeouts]\nheartbeat_interval_ms = 100\nheartbeat_timeout_ms = 1000\n"
             .into(),
-        log: "info,mm_runtime=debug".into(),
+        log: std::env::var("MM_LOG").unwrap_or("info,mm_runtime=debug".into()),
     };
     Some(MmCluster::start(cfg, opts).await.expect("cluster starts"))
 }
@@ -62,5 +62,221 @@ async fn writes_anywhere_commit_everywhere() {
             0
         );
     }
-    let _ = Duration::from_secs(0);
+
+    // Extended protocol in an explicit transaction, rolled back.
+    let n2 = c.connect_proxy(1).await.unwrap();
+    n2.batch_execute("begin").await.unwrap();
+    n2.execute(
+        "insert into kv values ($1, $2)",
+        &[&1000i32, &"rolled back"],
+    )
+    .await
+    .unwrap();
+    n2.batch_execute("rollback").await.unwrap();
+    let r = n2.query_one("select count(*) from kv", &[]).await.unwrap();
+    assert_eq!(r.get::<_, i64>(0), 30);
+    // Refused statements say why and leave the session usable.
+    let e = n2
+        .batch_execute("prepare transaction 'mine'")
+        .await
+        .expect_err("client 2PC is refused");
+    assert_eq!(e.code().map(|c| c.code()), Some("0A000"), "{e}");
+    let e = n2
+        .batch_execute("create table t2 as select 1 as a")
+        .await
+        .expect_err("CTAS is refused");
+    assert!(format!("{e:?}").contains("CREATE TABLE AS"), "{e:?}");
+    n2.batch_execute("select 1")
+        .await
+        .expect("session still usable");
+
+    // Sequences are conflict-free: node k hands out k, k+N, ...
+    n2.batch_execute("create table s(id serial primary key, v int)")
+        .await
+        .unwrap();
+    for i in 0..3 {
+        let p = c.connect_proxy(i).await.unwrap();
+        p.execute("insert into s(v) values (1)", &[]).await.unwrap();
+        p.execute("insert into s(v) values (1)", &[]).await.unwrap();
+    }
+    for i in 0..3 {
+        assert_eq!(count_on(&c, i, "select count(*) from s").await, 6);
+        assert_eq!(
+            count_on(&c, i, "select count(distinct id) from s").await,
+            6,
+            "sequence values collided"
+        );
+    }
+
+    // Crossing writes: node 1 holds a row lock in an open transaction; node
+    // 2's write of the same row cannot be applied on node 1 within
+    // lock_timeout, so it aborts with 40001, and node 1 still commits.
+    let a = c.connect_proxy(0).await.unwrap();
+    let b = c.connect_proxy(1).await.unwrap();
+    a.batch_execute("begin").await.unwrap();
+    a.batch_execute("update kv set v = 'a' where k = 1")
+        .await
+        .unwrap();
+    let e = b
+        .execute("update kv set v = 'b' where k = 1", &[])
+        .await
+        .expect_err("the crossing write aborts");
+    assert_eq!(e.code().map(|c| c.code()), Some("40001"), "{e:?}");
+    a.batch_execute("commit")
+        .await
+        .expect("the lock holder commits");
+    for i in 0..3 {
+        let db = c.pg.connect(i).await.unwrap();
+        let v: String = db
+            .query_one("select v from kv where k = 1", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(v, "a", "node {}", i + 1);
+        assert_eq!(
+            count_on(&c, i, "select count(*) from pg_prepared_xacts").await,
+            0
+        );
+    }
+}
+
+/// Bad input on the client port: garbage, a client that vanishes in the
+/// middle of a transaction or right after COMMIT. Each gets a clear error
+/// or a settled outcome; nothing is left prepared; mmd keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_clients_lose_nothing() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Some(c) = cluster("e2e-bad").await else {
+        return;
+    };
+    let n1 = c.connect_proxy(0).await.unwrap();
+    n1.batch_execute("create table kv(k int primary key, v text)")
+        .await
+        .unwrap();
+    let addr = format!("127.0.0.1:{}", c.nodes[0].client_port);
+
+    // Garbage instead of a startup packet: a FATAL error, then close.
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+    assert_eq!(buf.first(), Some(&b'E'), "an ErrorResponse: {buf:?}");
+    assert!(String::from_utf8_lossy(&buf).contains("invalid startup packet"));
+
+    // Garbage after a good startup: FATAL protocol violation.
+    let mut s = raw_session(&addr).await;
+    s.write_all(b"\x01\x00\x00\x00\x08garbage").await.unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+    assert!(String::from_utf8_lossy(&buf).contains("08P01"), "{buf:?}");
+
+    // Vanishing inside a transaction: PostgreSQL rolls it back.
+    let mut s = raw_session(&addr).await;
+    query(&mut s, "begin").await;
+    query(&mut s, "insert into kv values (1, 'gone')").await;
+    drop(s);
+
+    // Vanishing right after COMMIT: the cluster settles it one way, everywhere.
+    let mut s = raw_session(&addr).await;
+    query(&mut s, "begin").await;
+    query(&mut s, "insert into kv values (2, 'maybe')").await;
+    s.write_all(&query_msg("commit")).await.unwrap();
+    drop(s);
+
+    // Vanishing in the middle of an implicit transaction.
+    let mut s = raw_session(&addr).await;
+    s.write_all(&query_msg("insert into kv values (3, 'maybe')"))
+        .await
+        .unwrap();
+    drop(s);
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut prepared = 0;
+        for i in 0..3 {
+            prepared += count_on(&c, i, "select count(*) from pg_prepared_xacts").await;
+        }
+        if prepared == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "prepared transactions left behind"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let counts = counts_on_all(&c, "select count(*) from kv where k = 1").await;
+    assert_eq!(
+        counts,
+        vec![0, 0, 0],
+        "the abandoned transaction never committed"
+    );
+    for k in [2, 3] {
+        let counts = counts_on_all(&c, &format!("select count(*) from kv where k = {k}")).await;
+        assert!(
+            counts == vec![0, 0, 0] || counts == vec![1, 1, 1],
+            "k={k}: {counts:?}"
+        );
+    }
+    n1.batch_execute("select 1")
+        .await
+        .expect("mmd still serves");
+}
+
+async fn counts_on_all(c: &MmCluster, sql: &str) -> Vec<i64> {
+    let mut v = Vec::new();
+    for i in 0..3 {
+        v.push(count_on(c, i, sql).await);
+    }
+    v
+}
+
+fn query_msg(sql: &str) -> Vec<u8> {
+    let mut m = vec![b'Q'];
+    m.extend_from_slice(&((sql.len() + 5) as i32).to_be_bytes());
+    m.extend_from_slice(sql.as_bytes());
+    m.push(0);
+    m
+}
+
+/// A raw protocol session (trust auth), ready for queries.
+async fn raw_session(addr: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut body = Vec::new();
+    body.extend_from_slice(&196608i32.to_be_bytes());
+    for (k, v) in [("user", "postgres"), ("database", "postgres")] {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut pkt = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+    pkt.extend_from_slice(&body);
+    s.write_all(&pkt).await.unwrap();
+    read_until_ready(&mut s).await;
+    s
+}
+
+async fn query(s: &mut tokio::net::TcpStream, sql: &str) {
+    use tokio::io::AsyncWriteExt;
+    s.write_all(&query_msg(sql)).await.unwrap();
+    read_until_ready(s).await;
+}
+
+async fn read_until_ready(s: &mut tokio::net::TcpStream) {
+    use tokio::io::AsyncReadExt;
+    loop {
+        let tag = s.read_u8().await.unwrap();
+        let len = s.read_i32().await.unwrap();
+        let mut body = vec![0; len as usize - 4];
+        s.read_exact(&mut body).await.unwrap();
+        assert_ne!(tag, b'E', "error: {}", String::from_utf8_lossy(&body));
+        if tag == b'Z' {
+            return;
+        }
+    }
 }
