@@ -138,6 +138,46 @@ async fn writes_anywhere_commit_everywhere() {
             0
         );
     }
+    // Status: SQL functions on every node, and mmctl's table.
+    for i in 0..3 {
+        let db = c.pg.connect(i).await.unwrap();
+        let r = db
+            .query_one(
+                "select my_node_id, status, gen_members_online::text from mtm.status()",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.get::<_, i32>(0), i as i32 + 1);
+        assert_eq!(r.get::<_, String>(1), "online");
+        assert_eq!(r.get::<_, String>(2), "{1,2,3}");
+        let peers = db
+            .query(
+                "select id from mtm.nodes() where connected and link and receiver_ok",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(peers.len(), 3, "node {} sees every node", i + 1);
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mmctl"))
+        .arg("status")
+        .arg("--config")
+        .arg(&c.nodes[0].config_path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("node 1: online"), "{text}");
+    assert_eq!(
+        text.lines().filter(|l| l.contains(" yes ")).count(),
+        3,
+        "{text}"
+    );
 }
 
 /// Bad input on the client port: garbage, a client that vanishes in the

@@ -22,12 +22,39 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Show the node's view of the cluster: its status and generation, and
+    /// per node the connections and the slot retention (from `mtm.status()`
+    /// and `mtm.nodes()` in the node's PostgreSQL).
+    Status {
+        /// The node's TOML configuration.
+        #[arg(long)]
+        config: PathBuf,
+    },
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::Status { config } => {
+            let cfg = match NodeConfig::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("mmctl: {}: {e}", config.display());
+                    return ExitCode::from(2);
+                }
+            };
+            match status(&cfg).await {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("mmctl status: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Cmd::Init { config } => {
             let cfg = match NodeConfig::load(&config) {
                 Ok(c) => c,
@@ -59,4 +86,71 @@ async fn main() -> ExitCode {
             }
         }
     }
+}
+
+async fn status(cfg: &NodeConfig) -> Result<String, String> {
+    let (c, conn) = tokio_postgres::connect(&cfg.postgres.conninfo, tokio_postgres::NoTls)
+        .await
+        .map_err(|e| format!("cannot connect to {}: {e}", cfg.postgres.conninfo))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let q = |e: tokio_postgres::Error| match e.as_db_error() {
+        Some(db) if db.code().code() == "42883" || db.code().code() == "3F000" => {
+            "mtm.status() is missing: run `mmctl init` on this node".to_string()
+        }
+        _ => e.to_string(),
+    };
+    let st = c
+        .query_opt(
+            "select my_node_id, status, gen_num, gen_members::text, gen_members_online::text, \
+             connected::text, in_doubt, to_char(reported_at, 'HH24:MI:SS') from mtm.status()",
+            &[],
+        )
+        .await
+        .map_err(q)?
+        .ok_or("mmd has never reported on this node (is it running?)")?;
+    let mut out = format!(
+        "node {}: {}  generation {} members {} online {} connected {}  in-doubt {}  (reported {})\n\n",
+        st.get::<_, i32>(0),
+        st.get::<_, String>(1),
+        st.get::<_, i64>(2),
+        st.get::<_, String>(3),
+        st.get::<_, String>(4),
+        st.get::<_, String>(5),
+        st.get::<_, i32>(6),
+        st.get::<_, String>(7),
+    );
+    out.push_str(&format!(
+        "{:>4}  {:<5} {:<8} {:<9} {:<5} {:<9} {:>14} {:>12}\n",
+        "id", "self", "member", "connected", "link", "receiver", "slot retained", "slot lag"
+    ));
+    let rows = c
+        .query(
+            "select id, is_self, enabled, connected, link, receiver_ok, \
+             coalesce(pg_size_pretty(slot_retained_bytes), '-'), \
+             coalesce(pg_size_pretty(slot_lag_bytes), '-') from mtm.nodes()",
+            &[],
+        )
+        .await
+        .map_err(q)?;
+    let yn = |b: bool| if b { "yes" } else { "no" };
+    for r in rows {
+        out.push_str(&format!(
+            "{:>4}  {:<5} {:<8} {:<9} {:<5} {:<9} {:>14} {:>12}\n",
+            r.get::<_, i32>(0),
+            yn(r.get(1)),
+            yn(r.get(2)),
+            yn(r.get(3)),
+            yn(r.get(4)),
+            if r.get::<_, bool>(1) {
+                "-"
+            } else {
+                yn(r.get(5))
+            },
+            r.get::<_, String>(6),
+            r.get::<_, String>(7),
+        ));
+    }
+    Ok(out)
 }
