@@ -320,3 +320,78 @@ async fn read_until_ready(s: &mut tokio::net::TcpStream) {
         }
     }
 }
+
+/// A config naming peers that cannot be reached: mmd starts, says so in its
+/// log, stays isolated, and refuses clients with a clear error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_peers_leave_a_node_isolated_and_refusing() {
+    use mm_harness::backend::local::LocalCluster;
+    if pg_or_skip("unreachable_peers").is_none() {
+        return;
+    }
+    let mut pg_cfg = LocalClusterConfig::for_tests("e2e-alone", 1);
+    pg_cfg.stop_on_signal = false;
+    // Settings for the three-node cluster its config names.
+    pg_cfg.extra_settings = vec![
+        ("max_prepared_transactions".into(), "300".into()),
+        ("max_replication_slots".into(), "16".into()),
+    ];
+    let pg = LocalCluster::start(pg_cfg).await.expect("postgres starts");
+    let port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (client, mesh) = (port(), port());
+    let mut text = format!(
+        "cluster_id = \"alone\"\nnode_id = 1\nsecret = \"s\"\n[listen]\nmesh = \"127.0.0.1:{mesh}\"\n\
+         client = \"127.0.0.1:{client}\"\n[postgres]\nconninfo = \"{}\"\n",
+        pg.conninfo(0)
+    );
+    text.push_str(&format!(
+        "[[nodes]]\nid = 1\nmesh = \"127.0.0.1:{mesh}\"\npostgres = \"{}\"\n",
+        pg.conninfo(0)
+    ));
+    for id in 2..=3 {
+        text.push_str(&format!(
+            "[[nodes]]\nid = {id}\nmesh = \"127.0.0.1:{}\"\n\
+             postgres = \"host=127.0.0.1 port={} user=postgres connect_timeout=1\"\n",
+            port(),
+            port()
+        ));
+    }
+    let dir = pg.node(0).dir.clone();
+    let cfg_path = dir.join("mmd.toml");
+    std::fs::write(&cfg_path, text).unwrap();
+    let cfg = mm_runtime::config::NodeConfig::load(&cfg_path).unwrap();
+    mm_runtime::pg::init::init_node(&cfg).await.expect("init");
+    let log = dir.join("mmd.log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mmd"))
+        .arg("--config")
+        .arg(&cfg_path)
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::options().append(true).open(&log).unwrap())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let conninfo = format!("host=127.0.0.1 port={client} user=postgres dbname=postgres");
+    let err = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+        .await
+        .err()
+        .expect("an isolated node refuses clients");
+    let _ = child.kill();
+    let _ = child.wait();
+    let db = err
+        .as_db_error()
+        .expect("a server error, not a dropped connection");
+    assert_eq!(db.code().code(), "57P03", "{db:?}");
+    assert!(db.message().contains("isolated"), "{}", db.message());
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(logged.contains("cannot connect to peer"), "{logged}");
+    assert!(
+        logged.contains("data-plane stream from peer failed"),
+        "{logged}"
+    );
+}
