@@ -39,6 +39,9 @@ const GSSENC_REQUEST: i32 = 80877104;
 const CANCEL_REQUEST: i32 = 80877102;
 const PROTOCOL_3_0: i32 = 196608;
 
+/// Did the open transaction write (has it an xid)?
+const WROTE: &str = "SELECT pg_current_xact_id_if_assigned() IS NOT NULL";
+
 /// SQLSTATEs the proxy uses.
 const SERIALIZATION_FAILURE: &str = "40001";
 const FEATURE_NOT_SUPPORTED: &str = "0A000";
@@ -612,7 +615,7 @@ impl Session {
             .filter(|_| stmts.len() == 1);
         match single {
             Some(Kind::Commit) if self.status == b'T' => {
-                let reply = self.commit().await?;
+                let reply = self.commit(None).await?;
                 match reply {
                     CommitReply::Committed => {
                         self.client_w.push(&build::command_complete("COMMIT"))
@@ -668,13 +671,18 @@ impl Session {
             }
         }
         self.backend_w.push(&f);
+        if wrap {
+            // Ask whether it wrote in the same round trip.
+            self.backend_w.push(&query_frame(WROTE));
+        }
         self.backend_w
             .flush()
             .await
             .map_err(SessionError::Backend)?;
         let status = self.relay(true).await?;
         if wrap {
-            self.finish_implicit(status).await?;
+            let wrote = self.read_internal().await?;
+            self.finish_implicit(status, wrote).await?;
         }
         Ok(())
     }
@@ -682,10 +690,10 @@ impl Session {
     /// The statement(s) of an implicit transaction ran; the held
     /// ReadyForQuery said `status`. Commit (or roll back); the caller
     /// sends ReadyForQuery.
-    async fn finish_implicit(&mut self, status: u8) -> Result<(), SessionError> {
+    async fn finish_implicit(&mut self, status: u8, wrote: Internal) -> Result<(), SessionError> {
         match status {
             b'T' => {
-                if let CommitReply::Error(e) = self.commit().await? {
+                if let CommitReply::Error(e) = self.commit(Some(wrote)).await? {
                     self.saw_error = true;
                     self.client_w.push(&e);
                 }
@@ -754,7 +762,7 @@ impl Session {
                 .await
                 .map_err(SessionError::Backend)?;
             self.relay(true).await?;
-            match self.commit().await? {
+            match self.commit(None).await? {
                 CommitReply::Committed => self.client_w.push(&build::command_complete("COMMIT")),
                 CommitReply::Error(e) => self.client_w.push(&e),
             }
@@ -797,6 +805,9 @@ impl Session {
             self.backend_w
                 .push(&query_frame("SET TRANSACTION READ WRITE"));
         }
+        if wrap && sync {
+            self.backend_w.push(&query_frame(WROTE));
+        }
         self.backend_w
             .flush()
             .await
@@ -813,7 +824,8 @@ impl Session {
             self.had_ddl = false;
         }
         if wrap {
-            self.finish_implicit(status).await?;
+            let wrote = self.read_internal().await?;
+            self.finish_implicit(status, wrote).await?;
             self.client_w.push(&build::ready(self.status));
             self.flush_client().await;
         }
@@ -823,10 +835,13 @@ impl Session {
     // ---- the commit path ------------------------------------------------------
 
     /// COMMIT of the open transaction (backend status `T`).
-    async fn commit(&mut self) -> Result<CommitReply, SessionError> {
-        let wrote = self
-            .internal("SELECT pg_current_xact_id_if_assigned() IS NOT NULL")
-            .await?;
+    /// `wrote`: the answer to [`WROTE`] if it was already asked (pipelined
+    /// behind the client's statement).
+    async fn commit(&mut self, wrote: Option<Internal>) -> Result<CommitReply, SessionError> {
+        let wrote = match wrote {
+            Some(w) => w,
+            None => self.internal(WROTE).await?,
+        };
         if let Some(e) = wrote.error {
             self.ensure_idle().await?;
             return Ok(CommitReply::Error(e));

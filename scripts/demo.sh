@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The README's main command: set up (PostgreSQL 15 from Debian's packages if
+# missing), build mmd and mm-harness, then run `mm-harness demo`: a local
+# 3-node mm cluster under the seed workload, ending in a consistency verdict.
+# Arguments go to `mm-harness demo` (e.g. --duration 60s --json).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v cargo >/dev/null; then
+    echo "cargo not found: install the Rust toolchain (rustup) first" >&2
+    exit 1
+fi
+if ! command -v cc >/dev/null; then
+    if [ "$(id -u)" = 0 ]; then
+        apt-get update -qq && apt-get install -y -qq build-essential
+    else
+        echo "no C compiler: run 'sudo apt-get install build-essential'" >&2
+        exit 1
+    fi
+fi
+bash scripts/setup-postgres.sh
+# mm-harness starts mmd from the same target directory.
+cargo build --release --workspace --bins
+exec target/release/mm-harness demo "$@"
