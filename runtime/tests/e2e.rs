@@ -138,6 +138,27 @@ async fn writes_anywhere_commit_everywhere() {
             0
         );
     }
+    // A node that lacks the row a remote UPDATE changes votes no instead
+    // of diverging: delete k=2 behind mm's back on node 3, then update it
+    // through node 1.
+    let n3 = c.pg.connect(2).await.unwrap();
+    n3.batch_execute("delete from kv where k = 2")
+        .await
+        .unwrap();
+    let e = a
+        .execute("update kv set v = 'lost' where k = 2", &[])
+        .await
+        .expect_err("node 3 cannot apply it");
+    assert_eq!(e.code().map(|c| c.code()), Some("40001"), "{e:?}");
+    for i in 0..2 {
+        assert_eq!(
+            count_on(&c, i, "select count(*) from kv where v = 'lost'").await,
+            0,
+            "node {} did not commit it",
+            i + 1
+        );
+    }
+
     // Status: SQL functions on every node, and mmctl's table.
     for i in 0..3 {
         let db = c.pg.connect(i).await.unwrap();

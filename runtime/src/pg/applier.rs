@@ -11,7 +11,7 @@
 use super::hub::Hub;
 use super::remote_tx::{Change, RemoteTx};
 use super::sql::quote_literal;
-use mm_core::{DbResult, Gid, Input, NodeId};
+use mm_core::{DbResult, Input, NodeId};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc::UnboundedSender;
@@ -132,6 +132,10 @@ async fn apply(c: &Client, tx: &RemoteTx, s: &ApplierSettings) -> Result<(), Str
             s.nodes, s.node_id
         ));
     }
+    // PREPARE in the same round trip; if a row count then shows this node
+    // lacks a row, undo the prepared copy and vote no.
+    let gid = quote_literal(&tx.gid.to_string());
+    sql.push_str(&format!(";\nPREPARE TRANSACTION {gid}"));
     let msgs = c.simple_query(&sql).await.map_err(|e| pg_message(&e))?;
     let counts: Vec<u64> = msgs
         .iter()
@@ -145,6 +149,7 @@ async fn apply(c: &Client, tx: &RemoteTx, s: &ApplierSettings) -> Result<(), Str
         let got = counts.get(i + 2).copied();
         if let Some(want) = st.expect_rows {
             if got != Some(want) {
+                let _ = c.simple_query(&format!("ROLLBACK PREPARED {gid}")).await;
                 return Err(format!(
                     "{} changed {} rows here, 1 on the origin: this node lacks the row",
                     st.sql.split(" WHERE ").next().unwrap_or(&st.sql),
@@ -153,15 +158,5 @@ async fn apply(c: &Client, tx: &RemoteTx, s: &ApplierSettings) -> Result<(), Str
             }
         }
     }
-    prepare(c, &tx.gid).await
-}
-
-async fn prepare(c: &Client, gid: &Gid) -> Result<(), String> {
-    c.simple_query(&format!(
-        "PREPARE TRANSACTION {}",
-        quote_literal(&gid.to_string())
-    ))
-    .await
-    .map(|_| ())
-    .map_err(|e| pg_message(&e))
+    Ok(())
 }
