@@ -5,11 +5,14 @@
 //! - [`pg_conf`]: the settings mm needs, written per node and checked by `pg-check`;
 //! - [`backend::local`]: N local servers on loopback (start, kill -9, restart, stop on Drop);
 //! - [`pgbench`]: running the seed's pgbench scripts;
+//! - [`bench`]: the baselines mm is measured against (one plain PostgreSQL, an
+//!   asynchronous logical-replication mesh);
 //! - [`checks`]: reading every node directly after a run: hash sums, bank
 //!   totals, acknowledged writes, leftover prepared transactions;
 //! - [`mm_cluster`]: an mm cluster on the local backend (PostgreSQL + one mmd each);
 //! - [`signals`], [`procs`]: stopping nodes on Ctrl-C, process groups.
 pub mod backend;
+pub mod bench;
 pub mod checks;
 pub mod mm_cluster;
 pub mod pg_bin;

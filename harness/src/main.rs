@@ -5,6 +5,9 @@
 //! - `mm-harness pg-check --port P [--nodes N]`: does that server have the
 //!   settings mm needs? Exit 0 yes, 1 no (with the postgresql.conf lines), 2
 //!   cannot connect.
+//! - `mm-harness bench-baselines --seconds N [--json]` (hidden): the two
+//!   baselines `mm-harness bench` compares mm with: one plain PostgreSQL, and
+//!   the asynchronous logical-replication mesh (harness/src/bench).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -48,6 +51,23 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         nodes: u32,
     },
+    /// The baselines without mm: one plain PostgreSQL, and three in an
+    /// asynchronous logical-replication mesh, under the seed workload.
+    #[command(hide = true)]
+    BenchBaselines {
+        /// Seconds of load (pgbench -T) for each baseline.
+        #[arg(long, default_value_t = 30)]
+        seconds: u32,
+        /// One JSON object on stdout instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// fsync = off (faster; not what mm is measured with).
+        #[arg(long)]
+        no_fsync: bool,
+        /// Root of the clusters' work directories. Default: target/mm-work.
+        #[arg(long)]
+        workdir: Option<PathBuf>,
+    },
 }
 
 #[tokio::main]
@@ -65,6 +85,79 @@ async fn main() -> ExitCode {
             dbname,
             nodes,
         } => pg_check(&host, port, &user, &dbname, nodes).await,
+        Cmd::BenchBaselines {
+            seconds,
+            json,
+            no_fsync,
+            workdir,
+        } => bench_baselines(seconds, json, no_fsync, workdir).await,
+    }
+}
+
+async fn bench_baselines(
+    seconds: u32,
+    json: bool,
+    no_fsync: bool,
+    workdir: Option<PathBuf>,
+) -> ExitCode {
+    use mm_harness::bench::{self, async_mesh::MeshOptions, BenchOptions};
+    let bin = match mm_harness::pg_bin::PgBin::find() {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("mm-harness bench-baselines: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let root = workdir.unwrap_or_else(mm_harness::backend::local::default_work_root);
+    let mut opts = BenchOptions::new(seconds, root);
+    opts.fsync = !no_fsync;
+    eprintln!("single: one PostgreSQL, {seconds} s of the seed's three scripts");
+    let single = match bench::run_single_with(&bin, &opts).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("mm-harness bench-baselines: single: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    eprintln!("async mesh: three PostgreSQL, {seconds} s, one script per node, then convergence");
+    let mesh = match bench::run_async_mesh_with(&bin, &opts, &MeshOptions::default()).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("mm-harness bench-baselines: async mesh: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if json {
+        let both = serde_json::json!({ "single": single, "async_mesh": mesh });
+        println!("{both}");
+    } else {
+        println!(
+            "{:<12} {:>10} {:>9} {:>9} {:>8} {:>9}  convergence",
+            "baseline", "script-tps", "p50 ms", "p99 ms", "txns", "failures"
+        );
+        let line = |name: &str, f: &bench::PgbenchFigures, conv: String| {
+            println!(
+                "{name:<12} {:>10.1} {:>9.2} {:>9.2} {:>8} {:>9}  {conv}",
+                f.tps, f.p50_ms, f.p99_ms, f.transactions, f.failures
+            )
+        };
+        line("single", &single.figures, "-".into());
+        let conv = match mesh.convergence_s {
+            Some(s) => format!("converged {s:.1} s after the load"),
+            None => format!(
+                "NOT converged within {:.0} s (rows {:?})",
+                mesh.convergence_timeout_s, mesh.rows
+            ),
+        };
+        line("async-mesh", &mesh.figures, conv);
+        if mesh.apply_errors > 0 {
+            println!("async-mesh apply errors: {}", mesh.apply_errors);
+        }
+    }
+    if mesh.converged {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 
