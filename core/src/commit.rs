@@ -213,8 +213,11 @@ impl Node {
         if rec.decided.is_some() {
             return;
         }
-        // Only transactions we hold need the decision; others would bloat the store.
-        let holds = self.in_doubt.contains_key(&gid) || self.coord.contains_key(&gid);
+        // Only transactions we hold (or are preparing) need the decision;
+        // others would bloat the store.
+        let holds = self.in_doubt.contains_key(&gid)
+            || self.coord.contains_key(&gid)
+            || self.applying.contains_key(&gid);
         if !holds && rec == TxRecord::default() {
             return;
         }
@@ -380,6 +383,16 @@ impl Node {
             if ok {
                 // Not ours to hold (e.g. we restarted meanwhile): leave it to the resolver.
                 self.in_doubt.insert(gid, InDoubt { since: self.now });
+            }
+            return;
+        }
+        if let Some(commit) = self.record(gid).decided {
+            // Decided while we were still preparing it (the origin aborted
+            // on another member's no): finish it now rather than leave it
+            // to a resolver.
+            if ok {
+                self.in_doubt.insert(gid, InDoubt { since: self.now });
+                self.finish_locally(gid, commit);
             }
             return;
         }

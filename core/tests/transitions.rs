@@ -399,3 +399,54 @@ fn five_nodes_survive_two_losses() {
     assert_eq!(c.status(1), NodeStatus::Isolated);
     assert_eq!(c.commit(1, 2), Some(Outcome::Refused(NodeStatus::Isolated)));
 }
+
+/// Found on real PostgreSQL: the origin aborts (another member voted no)
+/// while this participant is still applying the transaction. The abort
+/// decision must not be dropped: once the prepare finishes, the prepared
+/// copy is rolled back at once instead of waiting for a resolver.
+#[test]
+fn decision_arriving_while_applying_is_applied_after_the_prepare() {
+    let mut c = Cluster::new(3);
+    c.run_for(3000);
+    assert_eq!(c.node(2).status(), NodeStatus::Online);
+    let now = c.now;
+    let mut n = c.nodes[2].take().expect("node 2 is up");
+    while n.poll_output().is_some() {}
+    let gid = Gid {
+        origin: 1,
+        boot: 0,
+        seq: 7,
+        gen: 1,
+    };
+    n.handle(now, Input::RemoteTx { gid });
+    let outs: Vec<Output> = std::iter::from_fn(|| n.poll_output()).collect();
+    assert!(
+        outs.contains(&Output::Db(DbCmd::ApplyAndPrepare { gid })),
+        "{outs:?}"
+    );
+    n.handle(
+        now,
+        Input::Receive {
+            from: 1,
+            msg: Message::Decision { gid, commit: false },
+        },
+    );
+    while n.poll_output().is_some() {}
+    n.handle(now, Input::Db(DbResult::RemotePrepared { gid, ok: true }));
+    let outs: Vec<Output> = std::iter::from_fn(|| n.poll_output()).collect();
+    assert!(
+        outs.contains(&Output::Db(DbCmd::RollbackPrepared { gid })),
+        "the prepared copy is rolled back at once: {outs:?}"
+    );
+    assert!(
+        !outs.iter().any(|o| matches!(
+            o,
+            Output::Send {
+                msg: Message::TxVote { yes: true, .. },
+                ..
+            }
+        )),
+        "no yes vote after the decision: {outs:?}"
+    );
+    assert_eq!(n.in_doubt().count(), 0);
+}
