@@ -14,6 +14,7 @@
 pub mod backend;
 pub mod bench;
 pub mod checks;
+pub mod demo;
 pub mod mm_cluster;
 pub mod pg_bin;
 pub mod pg_conf;

@@ -25,6 +25,28 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// The main job: a local mm cluster (PostgreSQL 15 + mmd per node) under
+    /// the seed workload, bank transfers and an acknowledged-write ledger,
+    /// then every node checked directly; ends in a consistency verdict.
+    Demo {
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// How long the load runs (e.g. 30s, 2m).
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        duration: std::time::Duration,
+        /// pgbench clients per node.
+        #[arg(long, default_value_t = 10)]
+        clients: u32,
+        /// Run PostgreSQL with fsync = on (default off: test durability only).
+        #[arg(long)]
+        fsync: bool,
+        /// Work directory. Default: target/mm-work/demo.
+        #[arg(long)]
+        workdir: Option<PathBuf>,
+        /// Print the report as one JSON object on the last line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Start N plain PostgreSQL 15 nodes on 127.0.0.1 and wait for Ctrl-C.
     PgUp {
         #[arg(long, default_value_t = 3)]
@@ -73,6 +95,24 @@ enum Cmd {
 #[tokio::main]
 async fn main() -> ExitCode {
     match Cli::parse().cmd {
+        Cmd::Demo {
+            nodes,
+            duration,
+            clients,
+            fsync,
+            workdir,
+            json,
+        } => {
+            let opts = mm_harness::demo::DemoOptions {
+                nodes,
+                duration,
+                clients,
+                fsync,
+                work_dir: workdir,
+                ..Default::default()
+            };
+            demo(opts, json).await
+        }
         Cmd::PgUp {
             nodes,
             workdir,
@@ -246,5 +286,54 @@ async fn pg_check(host: &str, port: u16, user: &str, dbname: &str, nodes: u32) -
             println!("  {} = {value}", f.setting);
         }
         ExitCode::FAILURE
+    }
+}
+
+/// `30s`, `2m`, `1h`, `90` (seconds).
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60.0)
+    } else if let Some(n) = s.strip_suffix('h') {
+        (n, 3600.0)
+    } else {
+        (s, 1.0)
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (examples: 30s, 2m, 1h)"))?;
+    if !(v > 0.0 && v.is_finite()) {
+        return Err(format!("{s:?}: the duration must be positive"));
+    }
+    Ok(std::time::Duration::from_secs_f64(v * mult))
+}
+
+async fn demo(opts: mm_harness::demo::DemoOptions, json: bool) -> ExitCode {
+    mm_harness::signals::install_stop_on_signal();
+    let progress = |m: &str| eprintln!("demo: {m}");
+    match mm_harness::demo::run_demo(&opts, &progress).await {
+        Ok(report) => {
+            println!("{}", report.render());
+            if json {
+                match serde_json::to_string(&report) {
+                    Ok(j) => println!("{j}"),
+                    Err(e) => eprintln!("demo: cannot render JSON: {e}"),
+                }
+            }
+            if report.consistent {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("mm-harness demo: {e:#}");
+            ExitCode::from(2)
+        }
     }
 }

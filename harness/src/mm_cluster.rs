@@ -73,7 +73,7 @@ pub struct MmCluster {
 pub struct MmOptions {
     /// `[timeouts]` and `[data_plane]` lines appended to every config.
     pub extra_config: String,
-    /// `RUST_LOG` for the mmd processes.
+    /// `RUST_LOG` for the mmd processes (default: `$MM_LOG`, else `info`).
     pub log: String,
 }
 
@@ -81,7 +81,7 @@ impl Default for MmOptions {
     fn default() -> Self {
         MmOptions {
             extra_config: String::new(),
-            log: "info".into(),
+            log: std::env::var("MM_LOG").unwrap_or_else(|_| "info".into()),
         }
     }
 }
@@ -162,7 +162,17 @@ impl MmCluster {
             .append(true)
             .open(&node.log_path)
             .with_context(|| format!("opening {}", node.log_path.display()))?;
-        let child = Command::new(&self.mmd)
+        let mut cmd = Command::new(&self.mmd);
+        // mmd must not outlive the harness (Ctrl-C exits without Drop):
+        // the kernel sends it SIGTERM when the harness goes.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let child = cmd
             .arg("--config")
             .arg(&node.config_path)
             .env("RUST_LOG", log)

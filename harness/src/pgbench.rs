@@ -37,6 +37,9 @@ pub struct Pgbench {
     /// `-l --log-prefix=PREFIX`: a per-transaction log per pgbench thread,
     /// files `PREFIX.<pid>` and `PREFIX.<pid>.<thread>`.
     pub log_prefix: Option<PathBuf>,
+    /// `--max-tries`: retry serialization failures (40001, what mm answers
+    /// when the cluster aborts a transaction) and deadlocks up to this many tries.
+    pub max_tries: Option<u32>,
 }
 
 impl Pgbench {
@@ -48,6 +51,7 @@ impl Pgbench {
             seconds,
             protocol: "prepared".into(),
             log_prefix: None,
+            max_tries: None,
         }
     }
 
@@ -59,7 +63,15 @@ impl Pgbench {
 
     /// Runs it to completion (no `-i`: the script's table must exist).
     pub async fn run(&self, bin: &PgBin, node: &LocalNode) -> Result<PgbenchOutcome> {
+        self.run_at(bin, node.port, &node.dbname).await
+    }
+
+    /// Runs it against `127.0.0.1:port` (a node's PostgreSQL or its mmd).
+    pub async fn run_at(&self, bin: &PgBin, port: u16, dbname: &str) -> Result<PgbenchOutcome> {
         let mut cmd = tokio::process::Command::new(bin.pgbench());
+        if let Some(n) = self.max_tries {
+            cmd.arg(format!("--max-tries={n}"));
+        }
         if let Some(prefix) = &self.log_prefix {
             let mut arg = std::ffi::OsString::from("--log-prefix=");
             arg.push(prefix);
@@ -75,15 +87,8 @@ impl Pgbench {
                 &self.jobs.to_string(),
             ])
             .args(["-T", &self.seconds.to_string()])
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &node.port.to_string(),
-                "-U",
-                SUPERUSER,
-            ])
-            .arg(&node.dbname)
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", SUPERUSER])
+            .arg(dbname)
             .output()
             .await
             .with_context(|| format!("running {}", bin.pgbench().display()))?;
