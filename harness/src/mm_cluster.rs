@@ -109,6 +109,14 @@ impl MmCluster {
         }
         let mut nodes = Vec::new();
         for (i, node) in pg.nodes().iter().enumerate() {
+            // mmd reaches its own PostgreSQL over the Unix socket (cheaper
+            // than TCP loopback); peers use TCP.
+            let local = format!(
+                "host={} port={} user=postgres dbname={}",
+                node.socket_dir.display(),
+                node.port,
+                node.dbname
+            );
             let text = format!(
                 "cluster_id = \"mm-local\"\nnode_id = {}\nsecret = \"local test cluster secret\"\n\n\
                  [listen]\nmesh = \"127.0.0.1:{}\"\nclient = \"127.0.0.1:{}\"\n\n\
@@ -116,7 +124,7 @@ impl MmCluster {
                 i + 1,
                 ports[i].1,
                 ports[i].0,
-                node.conninfo(),
+                local,
                 opts.extra_config,
                 nodes_toml
             );

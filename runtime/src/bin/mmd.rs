@@ -42,10 +42,24 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // MMD_THREADS=N: tokio worker threads (default: one per core).
+    // MMD_THREADS=1 runs everything on one thread.
+    let threads: Option<usize> = std::env::var("MMD_THREADS")
+        .ok()
+        .and_then(|s| s.parse().ok());
+    let built = match threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        Some(n) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
+        None => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+    };
+    let rt = match built {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("mmd: cannot start the runtime: {e}");
