@@ -159,6 +159,66 @@ async fn writes_anywhere_commit_everywhere() {
         );
     }
 
+    // Maintenance runs on this node only, with a notice; a table without a
+    // primary key cannot be updated (PostgreSQL says why: the publication).
+    n2.batch_execute("vacuum kv")
+        .await
+        .expect("vacuum runs locally");
+    n2.batch_execute("create table nopk(a int)").await.unwrap();
+    n2.batch_execute("insert into nopk values (1)")
+        .await
+        .unwrap();
+    let e = n2
+        .batch_execute("update nopk set a = 2")
+        .await
+        .expect_err("no replica identity");
+    assert!(format!("{e:?}").contains("replica identity"), "{e:?}");
+
+    // Authentication passes through: a SCRAM user with its password gets in,
+    // a wrong password gets PostgreSQL's own error.
+    let admin = c.pg.connect(0).await.unwrap();
+    admin
+        .batch_execute(
+            "set password_encryption = 'scram-sha-256'; \
+             create role scram_user login password 's3cret'; \
+             grant all on kv to scram_user",
+        )
+        .await
+        .unwrap();
+    let hba = c.pg.node(0).data_dir.join("pg_hba.conf");
+    let old = std::fs::read_to_string(&hba).unwrap();
+    std::fs::write(
+        &hba,
+        format!(
+            "local all scram_user scram-sha-256\nhost all scram_user 127.0.0.1/32 scram-sha-256\n{old}"
+        ),
+    )
+    .unwrap();
+    admin
+        .batch_execute("select pg_reload_conf()")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let port = c.nodes[0].client_port;
+    let good =
+        format!("host=127.0.0.1 port={port} user=scram_user password=s3cret dbname=postgres");
+    let (sc, conn) = tokio_postgres::connect(&good, tokio_postgres::NoTls)
+        .await
+        .expect("SCRAM through mmd");
+    tokio::spawn(conn);
+    let r = sc.query_one("select count(*) from kv", &[]).await.unwrap();
+    assert!(r.get::<_, i64>(0) > 0);
+    let bad = format!("host=127.0.0.1 port={port} user=scram_user password=wrong dbname=postgres");
+    let e = tokio_postgres::connect(&bad, tokio_postgres::NoTls)
+        .await
+        .err()
+        .expect("wrong password refused");
+    assert_eq!(
+        e.as_db_error().map(|d| d.code().code()),
+        Some("28P01"),
+        "{e:?}"
+    );
+
     // Status: SQL functions on every node, and mmctl's table.
     for i in 0..3 {
         let db = c.pg.connect(i).await.unwrap();
