@@ -5,6 +5,11 @@
 //! - `mm-harness pg-check --port P [--nodes N]`: does that server have the
 //!   settings mm needs? Exit 0 yes, 1 no (with the postgresql.conf lines), 2
 //!   cannot connect.
+//! - `mm-harness bench [--seconds N] [--json] [--no-fsync] [--workdir D]`:
+//!   mm against its baselines, phase after phase (harness/src/bench): one
+//!   plain PostgreSQL, the mm cluster through its mmds, the asynchronous
+//!   logical-replication mesh, and the read path through mmd vs directly;
+//!   the ratios against their targets.
 //! - `mm-harness bench-baselines --seconds N [--json]` (hidden): the two
 //!   baselines `mm-harness bench` compares mm with: one plain PostgreSQL, and
 //!   the asynchronous logical-replication mesh (harness/src/bench).
@@ -73,6 +78,29 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         nodes: u32,
     },
+    /// mm against its baselines, one phase after the other on the same
+    /// machine: (a) one plain PostgreSQL, (b) the mm cluster (3 PostgreSQL +
+    /// 3 mmd) through each node's mmd, (c) three PostgreSQL in an
+    /// asynchronous logical-replication mesh, all three under the seed's
+    /// three scripts at once; (d) pgbench -S on node 1 of an mm cluster,
+    /// directly and through its mmd. Prints the figures and the ratios
+    /// against their targets.
+    Bench {
+        /// Seconds of load (pgbench -T) for each phase; (d) runs twice this.
+        #[arg(long, default_value_t = 30)]
+        seconds: u32,
+        /// Also print the report as one JSON object on the last line.
+        #[arg(long)]
+        json: bool,
+        /// fsync = off on every server (faster; default on, as bench-baselines:
+        /// mm commits durably, so everything is measured durable).
+        #[arg(long)]
+        no_fsync: bool,
+        /// Root of the phases' work directories (bench-single, bench-cluster,
+        /// bench-async-mesh, bench-read). Default: target/mm-work.
+        #[arg(long)]
+        workdir: Option<PathBuf>,
+    },
     /// The baselines without mm: one plain PostgreSQL, and three in an
     /// asynchronous logical-replication mesh, under the seed workload.
     #[command(hide = true)]
@@ -125,12 +153,69 @@ async fn main() -> ExitCode {
             dbname,
             nodes,
         } => pg_check(&host, port, &user, &dbname, nodes).await,
+        Cmd::Bench {
+            seconds,
+            json,
+            no_fsync,
+            workdir,
+        } => bench(seconds, json, no_fsync, workdir).await,
         Cmd::BenchBaselines {
             seconds,
             json,
             no_fsync,
             workdir,
         } => bench_baselines(seconds, json, no_fsync, workdir).await,
+    }
+}
+
+async fn bench(seconds: u32, json: bool, no_fsync: bool, workdir: Option<PathBuf>) -> ExitCode {
+    use mm_harness::bench::{self, BenchOptions};
+    let bin = match mm_harness::pg_bin::PgBin::find() {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("mm-harness bench: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(e) = mm_harness::mm_cluster::find_mmd() {
+        eprintln!("mm-harness bench: {e:#}");
+        return ExitCode::from(2);
+    }
+    let root = workdir.unwrap_or_else(mm_harness::backend::local::default_work_root);
+    let mut opts = BenchOptions::new(seconds, root);
+    opts.fsync = !no_fsync;
+    eprintln!(
+        "bench: {seconds} s per phase, fsync = {} ({}), work dirs under {}",
+        if opts.fsync { "on" } else { "off" },
+        if opts.fsync {
+            "the default, as bench-baselines: --no-fsync turns it off"
+        } else {
+            "--no-fsync"
+        },
+        opts.work_root.display()
+    );
+    let progress = |m: &str| eprintln!("bench: {m}");
+    match bench::run_bench(&bin, &opts, &progress).await {
+        Ok(report) => {
+            print!("{}", report.render());
+            if json {
+                match serde_json::to_string(&report) {
+                    Ok(j) => println!("{j}"),
+                    Err(e) => eprintln!("bench: cannot render JSON: {e}"),
+                }
+            }
+            // The targets are what mm aims at, not a pass/fail of the run;
+            // nodes that disagree are.
+            if report.cluster.agreed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("mm-harness bench: {e:#}");
+            ExitCode::from(2)
+        }
     }
 }
 
