@@ -58,8 +58,10 @@ async fn init_prepares_a_ready_node_idempotently() {
         "publication mm_publication",
         "slot mm_slot_for_2",
         "slot mm_slot_for_3",
-        "origin mm_node_2",
-        "origin mm_node_3",
+        "origin mm_node_2_0",
+        "origin mm_node_2_3",
+        "origin mm_node_3_0",
+        "origin mm_node_3_3",
     ] {
         assert!(
             first.created.iter().any(|c| c == want),
