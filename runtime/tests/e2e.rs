@@ -198,8 +198,27 @@ async fn writes_anywhere_commit_everywhere() {
         .batch_execute("select pg_reload_conf()")
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The reload is asynchronous: wait until the wrong password is refused.
     let port = c.nodes[0].client_port;
+    let bad = format!("host=127.0.0.1 port={port} user=scram_user password=wrong dbname=postgres");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let e = loop {
+        match tokio_postgres::connect(&bad, tokio_postgres::NoTls).await {
+            Err(e) => break e,
+            Ok(_) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "pg_hba.conf never took effect"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert_eq!(
+        e.as_db_error().map(|d| d.code().code()),
+        Some("28P01"),
+        "{e:?}"
+    );
     let good =
         format!("host=127.0.0.1 port={port} user=scram_user password=s3cret dbname=postgres");
     let (sc, conn) = tokio_postgres::connect(&good, tokio_postgres::NoTls)
@@ -208,16 +227,6 @@ async fn writes_anywhere_commit_everywhere() {
     tokio::spawn(conn);
     let r = sc.query_one("select count(*) from kv", &[]).await.unwrap();
     assert!(r.get::<_, i64>(0) > 0);
-    let bad = format!("host=127.0.0.1 port={port} user=scram_user password=wrong dbname=postgres");
-    let e = tokio_postgres::connect(&bad, tokio_postgres::NoTls)
-        .await
-        .err()
-        .expect("wrong password refused");
-    assert_eq!(
-        e.as_db_error().map(|d| d.code().code()),
-        Some("28P01"),
-        "{e:?}"
-    );
 
     // Status: SQL functions on every node, and mmctl's table.
     for i in 0..3 {
