@@ -6,18 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v cargo >/dev/null; then
-    echo "cargo not found: install the Rust toolchain (rustup) first" >&2
-    exit 1
-fi
-if ! command -v cc >/dev/null; then
-    if [ "$(id -u)" = 0 ]; then
-        apt-get update -qq && apt-get install -y -qq build-essential
-    else
-        echo "no C compiler: run 'sudo apt-get install build-essential'" >&2
-        exit 1
-    fi
-fi
+bash scripts/setup-build.sh
 bash scripts/setup-postgres.sh
 # mm-harness starts mmd from the same target directory.
 cargo build --release --workspace --bins

@@ -4,19 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v cargo >/dev/null; then
-    echo "cargo not found: install the Rust toolchain (rustup) first" >&2
-    exit 1
-fi
-# Rust crates with C parts need a C compiler; Debian's build-essential provides it.
-if ! command -v cc >/dev/null; then
-    if [ "$(id -u)" = 0 ]; then
-        apt-get update -qq && apt-get install -y -qq build-essential
-    else
-        echo "no C compiler: run 'sudo apt-get install build-essential'" >&2
-        exit 1
-    fi
-fi
+bash scripts/setup-build.sh
 
 # rustfmt and clippy come with rustup's default profile; add them if missing.
 if ! cargo clippy --version >/dev/null 2>&1 || ! cargo fmt --version >/dev/null 2>&1; then

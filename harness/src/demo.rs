@@ -6,6 +6,7 @@
 //! nothing left prepared.
 
 use crate::backend::local::LocalClusterConfig;
+use crate::bench::percentile;
 use crate::checks::{check_nodes, Expect, Verdict};
 use crate::mm_cluster::{MmCluster, MmOptions};
 use crate::pgbench::{read_transaction_log, scripts_dir, Pgbench};
@@ -183,15 +184,9 @@ pub async fn run_demo(opts: &DemoOptions, progress: &dyn Fn(&str)) -> Result<Dem
         let (pb, prefix, out) = h.await.context("pgbench task")?;
         let out = out?;
         let log = read_transaction_log(&prefix).unwrap_or_default();
-        let mut lat = log.latencies_us.clone();
+        let mut lat = log.latencies_us;
         lat.sort_unstable();
-        let q = |p: f64| {
-            if lat.is_empty() {
-                0.0
-            } else {
-                lat[((lat.len() - 1) as f64 * p).round() as usize] as f64 / 1000.0
-            }
-        };
+        let q = |p: f64| percentile(&lat, p * 100.0).map_or(0.0, |us| us as f64 / 1000.0);
         if !out.success {
             progress(&format!(
                 "pgbench on node {} reported a failure:\n{}",

@@ -427,13 +427,7 @@ async fn unreachable_peers_leave_a_node_isolated_and_refusing() {
         ("max_replication_slots".into(), "16".into()),
     ];
     let pg = LocalCluster::start(pg_cfg).await.expect("postgres starts");
-    let port = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
+    let port = || mm_harness::mm_cluster::free_port().unwrap();
     let (client, mesh) = (port(), port());
     let mut text = format!(
         "cluster_id = \"alone\"\nnode_id = 1\nsecret = \"s\"\n[listen]\nmesh = \"127.0.0.1:{mesh}\"\n\

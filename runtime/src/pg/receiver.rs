@@ -241,20 +241,20 @@ async fn stream_once(
                     return Ok(()); // the driver stopped
                 }
             }
-            PgOutputMessage::CommitPrepared(cp) => {
-                if let Ok(gid) = cp.gid.parse::<Gid>() {
-                    if gid.origin == s.peer && hub.is_open(&gid) {
-                        decided.insert(gid);
-                    }
-                }
-            }
+            PgOutputMessage::CommitPrepared(cp) => note_decided(&cp.gid, s.peer, hub, &mut decided),
             PgOutputMessage::RollbackPrepared(rp) => {
-                if let Ok(gid) = rp.gid.parse::<Gid>() {
-                    if gid.origin == s.peer && hub.is_open(&gid) {
-                        decided.insert(gid);
-                    }
-                }
+                note_decided(&rp.gid, s.peer, hub, &mut decided)
             }
+        }
+    }
+}
+
+/// The peer decided one of its transactions that is still open here: later
+/// ones of this stream wait for it (see `RemoteTx::after`).
+fn note_decided(gid: &str, peer: NodeId, hub: &Hub, decided: &mut BTreeSet<Gid>) {
+    if let Ok(gid) = gid.parse::<Gid>() {
+        if gid.origin == peer && hub.is_open(&gid) {
+            decided.insert(gid);
         }
     }
 }

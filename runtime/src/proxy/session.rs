@@ -71,6 +71,15 @@ struct Stmt {
     sql: Arc<str>,
 }
 
+/// The handle `name` names (unnamed: ""); one the proxy never saw parsed
+/// counts as a write, the safe side.
+fn handle(map: &BTreeMap<String, Stmt>, name: Option<String>) -> Stmt {
+    map.get(&name.unwrap_or_default()).cloned().unwrap_or(Stmt {
+        kind: Kind::Write,
+        sql: "".into(),
+    })
+}
+
 struct Session {
     id: ClientId,
     ctx: Arc<ProxyContext>,
@@ -361,27 +370,13 @@ impl Session {
             }
             b'B' => {
                 let b: Bind = decode(&f)?;
-                let st = self
-                    .statements
-                    .get(&b.statement_name.unwrap_or_default())
-                    .cloned()
-                    .unwrap_or(Stmt {
-                        kind: Kind::Write,
-                        sql: "".into(),
-                    });
+                let st = handle(&self.statements, b.statement_name);
                 self.portals.insert(b.portal_name.unwrap_or_default(), st);
                 self.batch.push(f);
             }
             b'E' => {
                 let e: Execute = decode(&f)?;
-                let st = self
-                    .portals
-                    .get(&e.name.unwrap_or_default())
-                    .cloned()
-                    .unwrap_or(Stmt {
-                        kind: Kind::Write,
-                        sql: "".into(),
-                    });
+                let st = handle(&self.portals, e.name);
                 self.batch_execs.push((self.batch.len(), st));
                 self.batch.push(f);
             }
@@ -482,6 +477,32 @@ impl Session {
             .await
             .map_err(SessionError::Backend)?;
         self.read_internal().await
+    }
+
+    /// Before forwarding statements: `BEGIN READ WRITE` if they need a
+    /// transaction the client did not open, and a DDL message for each
+    /// schema change that will run inside one.
+    fn queue_preamble<'a>(&mut self, wrap: bool, ddl: impl Iterator<Item = &'a str>) {
+        if wrap {
+            self.send_internal("BEGIN READ WRITE");
+            self.had_ddl = false;
+        }
+        if self.status == b'T' || wrap {
+            for sql in ddl {
+                self.send_ddl_message(sql);
+                self.had_ddl = true;
+            }
+        }
+    }
+
+    fn push_commit_reply(&mut self, reply: CommitReply) {
+        match reply {
+            CommitReply::Committed => self.client_w.push(&build::command_complete("COMMIT")),
+            CommitReply::Error(e) => {
+                self.saw_error = true;
+                self.client_w.push(&e);
+            }
+        }
     }
 
     fn send_ddl_message(&mut self, sql: &str) {
@@ -616,15 +637,7 @@ impl Session {
         match single {
             Some(Kind::Commit) if self.status == b'T' => {
                 let reply = self.commit(None).await?;
-                match reply {
-                    CommitReply::Committed => {
-                        self.client_w.push(&build::command_complete("COMMIT"))
-                    }
-                    CommitReply::Error(e) => {
-                        self.saw_error = true;
-                        self.client_w.push(&e)
-                    }
-                }
+                self.push_commit_reply(reply);
                 return Ok(());
             }
             Some(Kind::Begin { read_only }) if self.status == b'I' => {
@@ -658,18 +671,11 @@ impl Session {
             _ => {}
         }
         let wrap = self.status == b'I' && stmts.iter().any(|(_, k)| k.needs_transaction());
-        if wrap {
-            self.send_internal("BEGIN READ WRITE");
-            self.had_ddl = false;
-        }
-        if self.status == b'T' || wrap {
-            for (text, k) in &stmts {
-                if *k == Kind::Ddl {
-                    self.send_ddl_message(text);
-                    self.had_ddl = true;
-                }
-            }
-        }
+        let ddl = stmts
+            .iter()
+            .filter(|(_, k)| *k == Kind::Ddl)
+            .map(|(t, _)| t.as_str());
+        self.queue_preamble(wrap, ddl);
         self.backend_w.push(&f);
         if wrap {
             // Ask whether it wrote in the same round trip.
@@ -693,9 +699,8 @@ impl Session {
     async fn finish_implicit(&mut self, status: u8, wrote: Internal) -> Result<(), SessionError> {
         match status {
             b'T' => {
-                if let CommitReply::Error(e) = self.commit(Some(wrote)).await? {
-                    self.saw_error = true;
-                    self.client_w.push(&e);
+                if let reply @ CommitReply::Error(_) = self.commit(Some(wrote)).await? {
+                    self.push_commit_reply(reply);
                 }
             }
             b'E' => {
@@ -762,29 +767,19 @@ impl Session {
                 .await
                 .map_err(SessionError::Backend)?;
             self.relay(true).await?;
-            match self.commit(None).await? {
-                CommitReply::Committed => self.client_w.push(&build::command_complete("COMMIT")),
-                CommitReply::Error(e) => self.client_w.push(&e),
-            }
+            let reply = self.commit(None).await?;
+            self.push_commit_reply(reply);
             self.client_w.push(&build::ready(self.status));
             self.flush_client().await;
             return Ok(());
         }
         let begin_rw = execs.len() == 1 && execs[0].1.kind == (Kind::Begin { read_only: false });
         let wrap = self.status == b'I' && execs.iter().any(|(_, s)| s.kind.needs_transaction());
-        if wrap {
-            self.send_internal("BEGIN READ WRITE");
-            self.had_ddl = false;
-        }
-        if self.status == b'T' || wrap {
-            for (_, s) in &execs {
-                if s.kind == Kind::Ddl {
-                    let sql = s.sql.clone();
-                    self.send_ddl_message(&sql);
-                    self.had_ddl = true;
-                }
-            }
-        }
+        let ddl = execs
+            .iter()
+            .filter(|(_, s)| s.kind == Kind::Ddl)
+            .map(|(_, s)| &*s.sql);
+        self.queue_preamble(wrap, ddl);
         if wrap && !sync {
             // A Flush-terminated batch: the wrap must be in place before its
             // statements run, and the commit waits for the Sync. Refuse
