@@ -109,6 +109,8 @@ async fn run(cfg: NodeConfig) -> Result<(), String> {
             me: cfg.node_id,
             peer,
             peer_conninfo: conninfo,
+            local_conninfo: cfg.postgres.conninfo.clone(),
+            nodes: cfg.nodes.len(),
         };
         tokio::spawn(run_receiver(s, hub.clone(), tx.clone()));
     }

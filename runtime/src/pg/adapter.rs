@@ -67,19 +67,37 @@ impl PgStorage {
     pub fn hub(&self) -> Arc<Hub> {
         self.hub.clone()
     }
+
+    /// The receivers replay a missed transaction only from generations this
+    /// node was not online in: tell them once that is durable.
+    fn note_durable(&self, ops: &[DurableOp]) {
+        for op in ops {
+            if let DurableOp::LastOnline(g) = op {
+                self.hub.set_last_online_gen(*g);
+            }
+        }
+    }
 }
 
 impl Storage for PgStorage {
     async fn load(&mut self) -> Result<Loaded, StorageError> {
-        self.state.load().await
+        let loaded = self.state.load().await?;
+        if let Loaded::Existing { durable, .. } = &loaded {
+            self.hub.set_last_online_gen(durable.last_online_gen);
+        }
+        Ok(loaded)
     }
 
     async fn persist(&mut self, op: &DurableOp) -> Result<(), StorageError> {
-        self.state.persist(op).await
+        self.state.persist(op).await?;
+        self.note_durable(std::slice::from_ref(op));
+        Ok(())
     }
 
     async fn persist_batch(&mut self, ops: &[DurableOp]) -> Result<(), StorageError> {
-        self.state.persist_batch(ops).await
+        self.state.persist_batch(ops).await?;
+        self.note_durable(ops);
+        Ok(())
     }
 
     fn execute(&mut self, cmd: DbCmd, results: &UnboundedSender<Input>) {

@@ -9,9 +9,9 @@
 //! two nodes' crossing writes end instead of deadlocking.
 
 use super::hub::Hub;
-use super::remote_tx::{Change, RemoteTx};
+use super::remote_tx::{Change, RemoteTx, Stmt};
 use super::sql::quote_literal;
-use mm_core::{DbResult, Input, NodeId};
+use mm_core::{DbResult, Gid, Input, NodeId};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc::UnboundedSender;
@@ -115,28 +115,52 @@ pub fn pg_message(e: &tokio_postgres::Error) -> String {
 }
 
 async fn apply(c: &Client, tx: &RemoteTx, s: &ApplierSettings) -> Result<(), String> {
+    let (body, stmts) = replay_body(tx, s.lock_timeout_ms, s.nodes, s.node_id)?;
+    // PREPARE in the same round trip; if a row count then shows this node
+    // lacks a row, undo the prepared copy and vote no.
+    let gid = quote_literal(&tx.gid.to_string());
+    let sql = format!("{body};\nPREPARE TRANSACTION {gid}");
+    let msgs = c.simple_query(&sql).await.map_err(|e| pg_message(&e))?;
+    if let Err(e) = check_row_counts(&msgs, &stmts) {
+        let _ = c.simple_query(&format!("ROLLBACK PREPARED {gid}")).await;
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// `BEGIN`, the transaction's statements and the `mm.applied_tx` record,
+/// ready for `PREPARE TRANSACTION`; and the statements, for
+/// [`check_row_counts`].
+pub fn replay_body(
+    tx: &RemoteTx,
+    lock_timeout_ms: u64,
+    nodes: usize,
+    node_id: NodeId,
+) -> Result<(String, Vec<Stmt>), String> {
     let mut stmts = Vec::new();
     let mut ddl = false;
     for ch in &tx.changes {
         ddl |= matches!(ch, Change::Ddl { .. });
         stmts.extend(ch.to_sql().map_err(|e| e.to_string())?);
     }
-    let mut sql = format!("BEGIN; SET LOCAL lock_timeout = '{}ms'", s.lock_timeout_ms);
+    let mut sql = format!("BEGIN; SET LOCAL lock_timeout = '{lock_timeout_ms}ms'");
     for st in &stmts {
         sql.push_str(";\n");
         sql.push_str(&st.sql);
     }
     if ddl {
         sql.push_str(&format!(
-            ";\nSELECT mm.adjust_sequences({}, {})",
-            s.nodes, s.node_id
+            ";\nSELECT mm.adjust_sequences({nodes}, {node_id})"
         ));
     }
-    // PREPARE in the same round trip; if a row count then shows this node
-    // lacks a row, undo the prepared copy and vote no.
-    let gid = quote_literal(&tx.gid.to_string());
-    sql.push_str(&format!(";\nPREPARE TRANSACTION {gid}"));
-    let msgs = c.simple_query(&sql).await.map_err(|e| pg_message(&e))?;
+    sql.push_str(";\n");
+    sql.push_str(&record_applied(tx.gid));
+    Ok((sql, stmts))
+}
+
+/// Every row change must have touched exactly the rows it did on the
+/// origin; otherwise this node lacks a row.
+pub fn check_row_counts(msgs: &[SimpleQueryMessage], stmts: &[Stmt]) -> Result<(), String> {
     let counts: Vec<u64> = msgs
         .iter()
         .filter_map(|m| match m {
@@ -149,7 +173,6 @@ async fn apply(c: &Client, tx: &RemoteTx, s: &ApplierSettings) -> Result<(), Str
         let got = counts.get(i + 2).copied();
         if let Some(want) = st.expect_rows {
             if got != Some(want) {
-                let _ = c.simple_query(&format!("ROLLBACK PREPARED {gid}")).await;
                 return Err(format!(
                     "{} changed {} rows here, 1 on the origin: this node lacks the row",
                     st.sql.split(" WHERE ").next().unwrap_or(&st.sql),
@@ -159,4 +182,13 @@ async fn apply(c: &Client, tx: &RemoteTx, s: &ApplierSettings) -> Result<(), Str
         }
     }
     Ok(())
+}
+
+/// The statement that records `gid` as applied here, inside its transaction.
+fn record_applied(gid: Gid) -> String {
+    format!(
+        "INSERT INTO mm.applied_tx (gid, gen) VALUES ({}, {})",
+        quote_literal(&gid.to_string()),
+        gid.gen
+    )
 }

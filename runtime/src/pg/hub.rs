@@ -1,11 +1,13 @@
 //! What the proxy's sessions, the data-plane receivers, the appliers and the
 //! storage adapter share inside one `mmd`: the sessions waiting to prepare,
 //! the delivered remote transactions waiting for the core's verdict, and the
-//! remote transactions prepared here and not yet finished.
+//! remote transactions prepared here and not yet finished, and the ones the
+//! core left unapplied until the peer's stream shows how they ended.
 
 use super::remote_tx::RemoteTx;
 use mm_core::{ClientId, Gid, Input};
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
@@ -28,6 +30,10 @@ struct Inner {
     remote: BTreeMap<Gid, RemoteTx>,
     applying: BTreeSet<Gid>,
     applied: BTreeSet<Gid>,
+    /// Left unapplied by the core (not a member of its generation, or a
+    /// duplicate): if the peer's stream shows it committed, it is a missed
+    /// transaction to replay here (see `replay`).
+    missed: BTreeMap<Gid, RemoteTx>,
     /// Per peer: is its data-plane stream up?
     receivers: BTreeMap<mm_core::NodeId, bool>,
 }
@@ -36,6 +42,12 @@ struct Inner {
 pub struct Hub {
     inner: Mutex<Inner>,
     finished: Notify,
+    /// The core's durable `last_online_gen`: this node holds every
+    /// transaction committed up to that generation.
+    last_online_gen: AtomicU64,
+    /// Replays of missed transactions run one at a time, so two streams
+    /// carrying the same transaction cannot both apply it.
+    pub replay_lock: tokio::sync::Mutex<()>,
 }
 
 impl Hub {
@@ -72,9 +84,26 @@ impl Hub {
     pub fn deliver(&self, tx: RemoteTx) {
         self.lock().remote.insert(tx.gid, tx);
     }
-    /// The core dropped it unapplied.
-    pub fn discard_remote(&self, gid: &Gid) -> Option<RemoteTx> {
-        self.lock().remote.remove(gid)
+    /// The core dropped it unapplied: kept until the stream shows its end.
+    pub fn discard_remote(&self, gid: &Gid) {
+        let mut i = self.lock();
+        if let Some(tx) = i.remote.remove(gid) {
+            i.missed.insert(*gid, tx);
+        }
+    }
+    /// Still waiting for the core's verdict (apply or discard).
+    pub fn awaiting_verdict(&self, gid: &Gid) -> bool {
+        self.lock().remote.contains_key(gid)
+    }
+    /// Its end is in the stream: hand over what the core left unapplied.
+    pub fn take_missed(&self, gid: &Gid) -> Option<RemoteTx> {
+        self.lock().missed.remove(gid)
+    }
+    pub fn last_online_gen(&self) -> u64 {
+        self.last_online_gen.load(Ordering::Acquire)
+    }
+    pub fn set_last_online_gen(&self, g: u64) {
+        self.last_online_gen.fetch_max(g, Ordering::AcqRel);
     }
     /// The core wants it applied: it is handed to an applier.
     pub fn take_for_apply(&self, gid: &Gid) -> Option<RemoteTx> {
@@ -87,7 +116,10 @@ impl Hub {
     /// its data-plane position can be confirmed to the peer.
     pub fn is_settled(&self, gid: &Gid) -> bool {
         let i = self.lock();
-        !i.remote.contains_key(gid) && !i.applying.contains(gid) && !i.applied.contains(gid)
+        !i.remote.contains_key(gid)
+            && !i.applying.contains(gid)
+            && !i.applied.contains(gid)
+            && !i.missed.contains_key(gid)
     }
     /// Being applied or prepared here (not finished).
     pub fn is_open(&self, gid: &Gid) -> bool {

@@ -4,6 +4,7 @@
 //! - [`receiver`] → [`hub`] → [`applier`]: a peer's prepared transactions,
 //!   from its WAL to a prepared transaction here; [`finisher`] commits or
 //!   rolls back decided ones; [`remote_tx`] turns changes into SQL;
+//!   [`replay`] applies committed transactions this node missed;
 //! - [`init`], [`prereq`]: `mmctl init`;
 //! - [`state`]: the durable protocol state (`mm_core::DurableState`) in the
 //!   `mm` schema of the local database, and the prepared mm transactions
@@ -18,6 +19,7 @@ pub mod init;
 pub mod prereq;
 pub mod receiver;
 pub mod remote_tx;
+pub mod replay;
 pub mod replication;
 pub mod sql;
 pub mod state;

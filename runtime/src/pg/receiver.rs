@@ -6,6 +6,10 @@
 //! transactions it applied for other nodes (echoes: an Origin message, or a
 //! gid of another origin), and writes made on the peer outside mm.
 //!
+//! A transaction the core left unapplied, or an echo of a generation this
+//! node was not online in, is kept until the stream shows how it ended: if
+//! it committed, this node missed it and replays it ([`super::replay`]).
+//!
 //! A position is confirmed to the peer only once every transaction before
 //! it is settled here (dropped, or prepared and then finished), so a
 //! restarted receiver is sent again whatever is still open.
@@ -13,6 +17,7 @@
 use super::hub::Hub;
 use super::init::{slot_for, PUBLICATION};
 use super::remote_tx::{parse_ddl, Change, RemoteTx, CATCHUP_PREFIX, DDL_PREFIX};
+use super::replay::Replayer;
 use super::replication::conn::ReplicationClient;
 use super::replication::pgoutput::{PgOutputMessage, Relation};
 use super::replication::Lsn;
@@ -26,6 +31,9 @@ pub struct ReceiverSettings {
     pub me: NodeId,
     pub peer: NodeId,
     pub peer_conninfo: String,
+    /// This node's own PostgreSQL, for replays.
+    pub local_conninfo: String,
+    pub nodes: usize,
 }
 
 /// Stream from `peer` forever, reconnecting with backoff.
@@ -90,6 +98,9 @@ async fn stream_once(
     // Decided in the peer's stream while still open here.
     let mut decided: BTreeSet<Gid> = BTreeSet::new();
     let mut marks: Vec<Mark> = Vec::new();
+    // Echoes this node may lack, until the stream shows their end.
+    let mut echoes: BTreeMap<Gid, Vec<Change>> = BTreeMap::new();
+    let mut replayer = Replayer::new(s.local_conninfo.clone(), s.peer, s.nodes, s.me);
     let mut outside_mm_warned = false;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -99,7 +110,7 @@ async fn stream_once(
             biased;
             r = stream.next() => r.map_err(|e| e.to_string())?,
             _ = tick.tick() => {
-                inflight.retain(|_, g| !hub.is_settled(g));
+                inflight.retain(|_, g| echoes.contains_key(g) || !hub.is_settled(g));
                 decided.retain(|g| hub.is_open(g));
                 marks.retain(|m| {
                     let done = inflight.range(..m.at).next().is_none();
@@ -221,6 +232,11 @@ async fn stream_once(
                 let Some(c) = cur.take() else { continue };
                 let Some(gid) = c.gid else { continue };
                 if c.echo {
+                    let missed = gid.origin != s.me && gid.gen > hub.last_online_gen();
+                    if missed && c.user_rows && c.bad.is_none() {
+                        echoes.insert(gid, c.changes);
+                        inflight.insert(p.prepare_lsn, gid);
+                    }
                     continue;
                 }
                 if let Some(why) = c.bad {
@@ -241,12 +257,59 @@ async fn stream_once(
                     return Ok(()); // the driver stopped
                 }
             }
-            PgOutputMessage::CommitPrepared(cp) => note_decided(&cp.gid, s.peer, hub, &mut decided),
+            PgOutputMessage::CommitPrepared(cp) => {
+                let Ok(gid) = cp.gid.parse::<Gid>() else {
+                    continue;
+                };
+                let missed = match echoes.remove(&gid) {
+                    Some(changes) => Some(RemoteTx {
+                        gid,
+                        changes,
+                        end_lsn: cp.end_lsn,
+                        after: Vec::new(),
+                    }),
+                    None if gid.origin == s.peer => {
+                        wait_verdict(hub, &gid).await?;
+                        hub.take_missed(&gid)
+                    }
+                    None => None,
+                };
+                match missed {
+                    Some(tx) => {
+                        if replayer.replay(hub, &tx).await? {
+                            tracing::info!(%gid, peer = s.peer, "replayed a committed transaction this node missed");
+                        }
+                    }
+                    None => note_decided(&cp.gid, s.peer, hub, &mut decided),
+                }
+            }
             PgOutputMessage::RollbackPrepared(rp) => {
+                let Ok(gid) = rp.gid.parse::<Gid>() else {
+                    continue;
+                };
+                echoes.remove(&gid);
+                if gid.origin == s.peer {
+                    wait_verdict(hub, &gid).await?;
+                    hub.take_missed(&gid);
+                }
                 note_decided(&rp.gid, s.peer, hub, &mut decided)
             }
         }
     }
+}
+
+/// The core answers a delivered transaction within a driver round; its end
+/// in the stream is handled only once the core has said whether it applies
+/// it here.
+async fn wait_verdict(hub: &Hub, gid: &Gid) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while hub.awaiting_verdict(gid) {
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!("the core gave no verdict on {gid} within 30 s"));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    Ok(())
 }
 
 /// The peer decided one of its transactions that is still open here: later

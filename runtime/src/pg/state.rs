@@ -56,6 +56,12 @@ CREATE TABLE IF NOT EXISTS mm.node_state (
     gen_donors bigint,
     last_online_gen bigint
 );
+-- Every remote transaction applied here, written inside it: a replay of a
+-- missed transaction skips one that is already here.
+CREATE TABLE IF NOT EXISTS mm.applied_tx (
+    gid text PRIMARY KEY,
+    gen bigint NOT NULL
+);
 CREATE TABLE IF NOT EXISTS mm.tx_state (
     gid text PRIMARY KEY,
     promised_round bigint,
