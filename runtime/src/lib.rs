@@ -7,8 +7,10 @@
 //!   order, persistence before release.
 //! - `storage`: the trait the driver persists through and sends database
 //!   commands to; PostgreSQL implements it in production, a model in tests.
-//! - `pg`: PostgreSQL as that storage (so far: the durable state in the
-//!   `mm` schema).
+//! - `pg`: PostgreSQL as that storage: durable state, data plane, replays.
+//! - `proxy`: the client-facing PostgreSQL protocol proxy.
+//! - `status`: `mtm.status()`'s source; `watchdog`: fail-stop when the
+//!   local PostgreSQL is gone.
 
 pub mod config;
 pub mod driver;
@@ -17,3 +19,4 @@ pub mod pg;
 pub mod proxy;
 pub mod status;
 pub mod storage;
+pub mod watchdog;

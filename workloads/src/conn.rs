@@ -58,7 +58,7 @@ pub enum Failure {
     /// transaction back; the client may go on.
     Abort,
     /// The connection is gone (closed, I/O error, class 08, the server
-    /// terminating it: 57P01/57P02), or the server said the outcome is
+    /// terminating it: 57P01/57P02, or mmd: 57P03), or the server said the outcome is
     /// unknown (40003). Uncertain if a commit was in flight.
     Lost(String),
     /// Anything else, with a message.
@@ -79,6 +79,8 @@ pub fn classify(e: &tokio_postgres::Error) -> Failure {
             if c.code().starts_with("08")
                 || *c == SqlState::ADMIN_SHUTDOWN
                 || *c == SqlState::CRASH_SHUTDOWN
+                // mmd ends a session on a node that is not (or no longer) online.
+                || *c == SqlState::CANNOT_CONNECT_NOW
                 || *c == SqlState::T_R_STATEMENT_COMPLETION_UNKNOWN =>
         {
             Failure::Lost(msg)

@@ -12,9 +12,14 @@ use mm_runtime::pg::receiver::{run_receiver, ReceiverSettings};
 use mm_runtime::proxy::backend::BackendAddr;
 use mm_runtime::proxy::{serve, ProxyContext};
 use mm_runtime::status::run_status_writer;
+use mm_runtime::watchdog::local_postgres_lost;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
+
+/// How long the local PostgreSQL may fail to answer before this node stops.
+const LOCAL_POSTGRES_GRACE: Duration = Duration::from_secs(3);
 
 #[derive(Parser)]
 #[command(
@@ -146,5 +151,12 @@ async fn run(cfg: NodeConfig) -> Result<(), String> {
         stopper.shutdown().await;
     });
     tracing::info!(client = %cfg.listen.client, "mmd is running");
-    driver.run().await.map_err(|e| e.to_string())
+    let lost = local_postgres_lost(cfg.postgres.conninfo.clone(), LOCAL_POSTGRES_GRACE);
+    tokio::select! {
+        r = driver.run() => r.map_err(|e| e.to_string()),
+        why = lost => {
+            tracing::error!("{why}");
+            Err(why)
+        }
+    }
 }

@@ -8,7 +8,8 @@
 //!
 //! A transaction the core left unapplied, or an echo of a generation this
 //! node was not online in, is kept until the stream shows how it ended: if
-//! it committed, this node missed it and replays it ([`super::replay`]).
+//! it committed, this node missed it and replays it ([`super::replay`])
+//! when the peer's catch-up mark arrives, in the peer's commit order.
 //!
 //! A position is confirmed to the peer only once every transaction before
 //! it is settled here (dropped, or prepared and then finished), so a
@@ -100,6 +101,13 @@ async fn stream_once(
     let mut marks: Vec<Mark> = Vec::new();
     // Echoes this node may lack, until the stream shows their end.
     let mut echoes: BTreeMap<Gid, Vec<Change>> = BTreeMap::new();
+    // Committed transactions this node may lack, in this stream's commit
+    // order. Replayed only when this peer's catch-up mark arrives: the
+    // donor's commit order is a serial order of all of them, while two
+    // streams interleaved are not (row images of crossing transfers would
+    // land out of order). Once the core is online in a later generation, a
+    // catch-up from some donor covered them: they are only checked.
+    let mut to_replay: Vec<RemoteTx> = Vec::new();
     let mut replayer = Replayer::new(s.local_conninfo.clone(), s.peer, s.nodes, s.me);
     let mut outside_mm_warned = false;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -110,7 +118,19 @@ async fn stream_once(
             biased;
             r = stream.next() => r.map_err(|e| e.to_string())?,
             _ = tick.tick() => {
-                inflight.retain(|_, g| echoes.contains_key(g) || !hub.is_settled(g));
+                let covered = to_replay
+                    .iter()
+                    .take_while(|t| t.gid.gen <= hub.last_online_gen())
+                    .count();
+                for tx in to_replay.drain(..covered) {
+                    if replayer.replay(hub, &tx).await? {
+                        tracing::warn!(gid = %tx.gid, peer = s.peer, "a catch-up missed this transaction; replayed it late");
+                    }
+                }
+                let pending: BTreeSet<Gid> = to_replay.iter().map(|t| t.gid).collect();
+                inflight.retain(|_, g| {
+                    echoes.contains_key(g) || pending.contains(g) || !hub.is_settled(g)
+                });
                 decided.retain(|g| hub.is_open(g));
                 marks.retain(|m| {
                     let done = inflight.range(..m.at).next().is_none();
@@ -212,6 +232,11 @@ async fn stream_once(
                 } else if m.prefix == CATCHUP_PREFIX {
                     if let Some(mark) = parse_mark(&m.content, s.me, lsn) {
                         tracing::info!(peer = s.peer, upto_gen = ?mark.upto_gen, "catch-up mark received");
+                        for tx in std::mem::take(&mut to_replay) {
+                            if replayer.replay(hub, &tx).await? {
+                                tracing::info!(gid = %tx.gid, peer = s.peer, "replayed a committed transaction this node missed");
+                            }
+                        }
                         marks.push(mark);
                     }
                 }
@@ -275,11 +300,7 @@ async fn stream_once(
                     None => None,
                 };
                 match missed {
-                    Some(tx) => {
-                        if replayer.replay(hub, &tx).await? {
-                            tracing::info!(%gid, peer = s.peer, "replayed a committed transaction this node missed");
-                        }
-                    }
+                    Some(tx) => to_replay.push(tx),
                     None => note_decided(&cp.gid, s.peer, hub, &mut decided),
                 }
             }

@@ -353,6 +353,25 @@ impl Session {
 
     /// Returns false when the client said goodbye.
     async fn on_client(&mut self, f: Frame) -> Result<bool, SessionError> {
+        // A node that left `online` (cut off, or its generation moved on
+        // without it) may lack committed transactions: its sessions end
+        // rather than read or write a stale copy.
+        if matches!(f.tag, b'Q' | b'H' | b'S') {
+            let status = self.ctx.status.borrow().status;
+            if status != NodeStatus::Online {
+                self.client_w.push(&fatal(
+                    CANNOT_CONNECT_NOW,
+                    &format!(
+                        "mm: node {} is no longer online (status: {}); this session ends, \
+                         connect to an online node",
+                        self.ctx.node_id,
+                        status_name(status)
+                    ),
+                ));
+                self.flush_client().await;
+                return Ok(false);
+            }
+        }
         match f.tag {
             b'Q' => {
                 let q: Query = decode(&f)?;
