@@ -10,9 +10,11 @@
 //! - [`checks`]: reading every node directly after a run: hash sums, bank
 //!   totals, acknowledged writes, leftover prepared transactions;
 //! - [`mm_cluster`]: an mm cluster on the local backend (PostgreSQL + one mmd each);
+//! - [`chaos`]: workloads under a seeded schedule of faults, then the checks;
 //! - [`signals`], [`procs`]: stopping nodes on Ctrl-C, process groups.
 pub mod backend;
 pub mod bench;
+pub mod chaos;
 pub mod checks;
 pub mod demo;
 pub mod mm_cluster;

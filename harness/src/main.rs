@@ -5,6 +5,8 @@
 //! - `mm-harness pg-check --port P [--nodes N]`: does that server have the
 //!   settings mm needs? Exit 0 yes, 1 no (with the postgresql.conf lines), 2
 //!   cannot connect.
+//! - `mm-harness chaos [--backend local] [--nodes 3|5] [--duration D] [--seed S]
+//!   [--json]`: workloads under seeded faults, availability, the checks.
 //! - `mm-harness bench [--seconds N] [--json] [--no-fsync] [--workdir D]`:
 //!   mm against its baselines, phase after phase (harness/src/bench): one
 //!   plain PostgreSQL, the mm cluster through its mmds, the asynchronous
@@ -46,6 +48,31 @@ enum Cmd {
         #[arg(long)]
         fsync: bool,
         /// Work directory. Default: target/mm-work/demo.
+        #[arg(long)]
+        workdir: Option<PathBuf>,
+        /// Print the report as one JSON object on the last line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Workloads (seed scripts, bank, ledger, probes) under a seeded random
+    /// schedule of single-node faults, then heal and check every node; an
+    /// availability timeline; the last line with --json is the report.
+    Chaos {
+        /// Where the nodes run: `local` (processes here) or `docker`.
+        #[arg(long, default_value = "local")]
+        backend: String,
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// How long the load and the faults run (e.g. 60s, 10m).
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        duration: std::time::Duration,
+        /// Seed of the fault schedule (printed; the same seed, the same schedule).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// pgbench clients per node.
+        #[arg(long, default_value_t = 4)]
+        clients: u32,
+        /// Work directory. Default: target/mm-work/chaos.
         #[arg(long)]
         workdir: Option<PathBuf>,
         /// Print the report as one JSON object on the last line.
@@ -140,6 +167,24 @@ async fn main() -> ExitCode {
                 ..Default::default()
             };
             demo(opts, json).await
+        }
+        Cmd::Chaos {
+            backend,
+            nodes,
+            duration,
+            seed,
+            clients,
+            workdir,
+            json,
+        } => {
+            let opts = mm_harness::chaos::ChaosOptions {
+                nodes,
+                duration,
+                seed,
+                clients,
+                work_dir: workdir,
+            };
+            chaos(&backend, opts, json).await
         }
         Cmd::PgUp {
             nodes,
@@ -396,6 +441,34 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         return Err(format!("{s:?}: the duration must be positive"));
     }
     Ok(std::time::Duration::from_secs_f64(v * mult))
+}
+
+async fn chaos(backend: &str, opts: mm_harness::chaos::ChaosOptions, json: bool) -> ExitCode {
+    if backend != "local" {
+        eprintln!("mm-harness chaos: unknown backend {backend:?} (local)");
+        return ExitCode::from(2);
+    }
+    let progress = |s: &str| eprintln!("chaos: {s}");
+    match mm_harness::chaos::run_chaos(&opts, &progress).await {
+        Ok(r) => {
+            print!("{}", r.render());
+            if json {
+                match serde_json::to_string(&r) {
+                    Ok(line) => println!("{line}"),
+                    Err(e) => eprintln!("mm-harness chaos: cannot encode the report: {e}"),
+                }
+            }
+            if r.consistent {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("mm-harness chaos: {e:#}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 async fn demo(opts: mm_harness::demo::DemoOptions, json: bool) -> ExitCode {

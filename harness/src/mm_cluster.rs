@@ -202,6 +202,30 @@ impl MmCluster {
         }
     }
 
+    /// Whether node `i`'s mmd process is running (not exited, not killed).
+    pub fn mmd_running(&mut self, i: usize) -> bool {
+        match self.nodes[i].child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// Freeze (`SIGSTOP`) or thaw (`SIGCONT`) node `i`'s mmd.
+    pub fn signal_mmd(&self, i: usize, sig: i32) -> Result<()> {
+        let Some(c) = self.nodes[i].child.as_ref() else {
+            bail!("mmd of node {} is not running", i + 1);
+        };
+        crate::procs::send_signal(c.id() as i32, sig)
+            .with_context(|| format!("signal {sig} to mmd of node {}", i + 1))
+    }
+
+    /// Stop node `i`'s mmd cleanly (SIGTERM, then SIGKILL after 3 s).
+    pub fn stop_mmd(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            stop_child(&mut c);
+        }
+    }
+
     /// Node `i`'s status as its mmd last published it (`mtm.status()`).
     pub async fn status(&self, i: usize) -> Result<String> {
         let c = self.pg.connect(i).await?;
@@ -254,22 +278,26 @@ impl MmCluster {
     pub fn stop_mmds(&mut self) {
         for n in &mut self.nodes {
             if let Some(mut c) = n.child.take() {
-                // SIGTERM first: mmd stops its driver cleanly.
-                unsafe {
-                    libc::kill(c.id() as i32, libc::SIGTERM);
-                }
-                let deadline = std::time::Instant::now() + Duration::from_secs(3);
-                while std::time::Instant::now() < deadline {
-                    if let Ok(Some(_)) = c.try_wait() {
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                let _ = c.kill();
-                let _ = c.wait();
+                stop_child(&mut c);
             }
         }
     }
+}
+
+fn stop_child(c: &mut Child) {
+    // A frozen mmd cannot act on SIGTERM.
+    let _ = crate::procs::send_signal(c.id() as i32, libc::SIGCONT);
+    // SIGTERM first: mmd stops its driver cleanly.
+    let _ = crate::procs::send_signal(c.id() as i32, libc::SIGTERM);
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(_)) = c.try_wait() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = c.kill();
+    let _ = c.wait();
 }
 
 impl Drop for MmCluster {
