@@ -4,6 +4,8 @@
 //! - [`pg_bin`]: finding PostgreSQL 15 and the OS user that runs it;
 //! - [`pg_conf`]: the settings mm needs, written per node and checked by `pg-check`;
 //! - [`backend::local`]: N local servers on loopback (start, kill -9, restart, stop on Drop);
+//! - [`backend::docker`]: an mm cluster with one container per node (image
+//!   `mm-node:dev`) on a private network: kill, stop/start, pause, disconnect, cut links;
 //! - [`pgbench`]: running the seed's pgbench scripts;
 //! - [`bench`]: the baselines mm is measured against (one plain PostgreSQL, an
 //!   asynchronous logical-replication mesh);
