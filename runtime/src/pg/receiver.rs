@@ -19,7 +19,7 @@ use super::hub::Hub;
 use super::init::{slot_for, PUBLICATION};
 use super::remote_tx::{parse_ddl, Change, RemoteTx, CATCHUP_PREFIX, DDL_PREFIX};
 use super::replay::Replayer;
-use super::replication::conn::ReplicationClient;
+use super::replication::conn::{ReplicationClient, ReplicationStream};
 use super::replication::pgoutput::{PgOutputMessage, Relation};
 use super::replication::Lsn;
 use mm_core::{Gid, Input, NodeId};
@@ -114,18 +114,18 @@ async fn stream_once(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     loop {
+        // Not biased: a busy stream must not starve the tick that confirms
+        // positions and completes catch-up marks.
         let next = tokio::select! {
-            biased;
             r = stream.next() => r.map_err(|e| e.to_string())?,
             _ = tick.tick() => {
                 let covered = to_replay
                     .iter()
                     .take_while(|t| t.gid.gen <= hub.last_online_gen())
                     .count();
-                for tx in to_replay.drain(..covered) {
-                    if replayer.replay(hub, &tx).await? {
-                        tracing::warn!(gid = %tx.gid, peer = s.peer, "a catch-up missed this transaction; replayed it late");
-                    }
+                let late: Vec<RemoteTx> = to_replay.drain(..covered).collect();
+                if replay_all(late, &mut replayer, hub, &mut stream).await? > 0 {
+                    tracing::warn!(peer = s.peer, "a catch-up missed transactions of this stream; replayed them late");
                 }
                 let pending: BTreeSet<Gid> = to_replay.iter().map(|t| t.gid).collect();
                 inflight.retain(|_, g| {
@@ -232,10 +232,18 @@ async fn stream_once(
                 } else if m.prefix == CATCHUP_PREFIX {
                     if let Some(mark) = parse_mark(&m.content, s.me, lsn) {
                         tracing::info!(peer = s.peer, upto_gen = ?mark.upto_gen, "catch-up mark received");
-                        for tx in std::mem::take(&mut to_replay) {
-                            if replayer.replay(hub, &tx).await? {
-                                tracing::info!(gid = %tx.gid, peer = s.peer, "replayed a committed transaction this node missed");
-                            }
+                        let n = replay_all(
+                            std::mem::take(&mut to_replay),
+                            &mut replayer,
+                            hub,
+                            &mut stream,
+                        )
+                        .await?;
+                        if n > 0 {
+                            tracing::info!(
+                                peer = s.peer,
+                                "replayed {n} committed transactions this node missed"
+                            );
                         }
                         marks.push(mark);
                     }
@@ -300,7 +308,21 @@ async fn stream_once(
                     None => None,
                 };
                 match missed {
-                    Some(tx) => to_replay.push(tx),
+                    Some(tx) => {
+                        to_replay.push(tx);
+                        // A catch-up from this peer is under way: a
+                        // transaction prepared before its mark and committed
+                        // after it must not wait for the next mark.
+                        if !marks.is_empty() {
+                            replay_all(
+                                std::mem::take(&mut to_replay),
+                                &mut replayer,
+                                hub,
+                                &mut stream,
+                            )
+                            .await?;
+                        }
+                    }
                     None => note_decided(&cp.gid, s.peer, hub, &mut decided),
                 }
             }
@@ -317,6 +339,30 @@ async fn stream_once(
             }
         }
     }
+}
+
+/// Replay `txs` in order; returns how many were applied (not already held).
+/// A long backlog keeps answering the peer's keepalives, or its walsender
+/// would drop the stream (`wal_sender_timeout`) and the work start over.
+async fn replay_all(
+    txs: Vec<RemoteTx>,
+    replayer: &mut Replayer,
+    hub: &Hub,
+    stream: &mut ReplicationStream,
+) -> Result<usize, String> {
+    let mut applied = 0;
+    let mut last_status = tokio::time::Instant::now();
+    for tx in txs {
+        if replayer.replay(hub, &tx).await? {
+            applied += 1;
+        }
+        if last_status.elapsed() >= Duration::from_secs(1) {
+            let at = stream.confirmed();
+            stream.confirm(at).await.map_err(|e| e.to_string())?;
+            last_status = tokio::time::Instant::now();
+        }
+    }
+    Ok(applied)
 }
 
 /// The core answers a delivered transaction within a driver round; its end
