@@ -9,11 +9,18 @@
 //! The whole schedule (kinds, victims, start times, lengths) derives from
 //! `--seed` and is printed, so a run can be repeated; the machine's timing
 //! still varies between runs.
+//!
+//! Backends: `local` (processes here; faults are signals and restarts, the
+//! harness supervises the mmds) and `docker` (a container per node; faults
+//! are Docker's: kill, stop, pause, network disconnect, an iptables cut of
+//! one link).
 
+use crate::backend::docker::{DockerCluster, DockerClusterConfig};
 use crate::backend::local::LocalClusterConfig;
 use crate::checks::{check_nodes, Expect};
 use crate::demo::SEED_SCHEMA;
 use crate::mm_cluster::{MmCluster, MmOptions};
+use crate::pg_bin::PgBin;
 use crate::pgbench::{scripts_dir, Pgbench};
 use anyhow::{bail, Context, Result};
 use mm_workloads::bank::{bank_seed_sql, run_bank, BankConfig, BANK_SCHEMA};
@@ -36,6 +43,35 @@ pub struct ChaosOptions {
     /// pgbench clients per node.
     pub clients: u32,
     pub work_dir: Option<std::path::PathBuf>,
+    pub backend: Backend,
+}
+
+/// Where the nodes run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    Local,
+    Docker,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Local => "local",
+            Backend::Docker => "docker",
+        }
+    }
+}
+
+impl std::str::FromStr for Backend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Backend, String> {
+        match s {
+            "local" => Ok(Backend::Local),
+            "docker" => Ok(Backend::Docker),
+            other => Err(format!("unknown backend {other:?} (local or docker)")),
+        }
+    }
 }
 
 impl Default for ChaosOptions {
@@ -46,6 +82,7 @@ impl Default for ChaosOptions {
             seed: 1,
             clients: 4,
             work_dir: None,
+            backend: Backend::Local,
         }
     }
 }
@@ -65,15 +102,36 @@ pub enum FaultKind {
     PauseMmd,
     /// Clean stop of mmd and PostgreSQL; started again at heal.
     RestartNode,
+    /// Docker: SIGKILL of the whole container; started again at heal.
+    KillNode,
+    /// Docker: the container leaves the cluster network; back at heal.
+    Disconnect,
+    /// Docker: the link between two nodes dropped by iptables in both.
+    CutLink,
 }
 
-const KINDS: [FaultKind; 5] = [
+const LOCAL_KINDS: [FaultKind; 5] = [
     FaultKind::KillMmd,
     FaultKind::KillPostgres,
     FaultKind::PauseNode,
     FaultKind::PauseMmd,
     FaultKind::RestartNode,
 ];
+
+const DOCKER_KINDS: [FaultKind; 5] = [
+    FaultKind::KillNode,
+    FaultKind::RestartNode,
+    FaultKind::PauseNode,
+    FaultKind::Disconnect,
+    FaultKind::CutLink,
+];
+
+fn kinds(backend: Backend) -> &'static [FaultKind] {
+    match backend {
+        Backend::Local => &LOCAL_KINDS,
+        Backend::Docker => &DOCKER_KINDS,
+    }
+}
 
 /// One fault of the schedule: `kind` on `victims` (0-based) from `start`
 /// for `length`.
@@ -87,8 +145,14 @@ pub struct PlannedFault {
 
 /// The schedule `seed` gives: a quiet gap of 2–6 s, a fault of 2–8 s, and so
 /// on, within the run; victims stay a minority (one node of 3, one or two
-/// of 5).
-pub fn schedule(seed: u64, nodes: usize, duration: Duration) -> Vec<PlannedFault> {
+/// of 5); a cut link has its two ends as victims.
+pub fn schedule(
+    seed: u64,
+    nodes: usize,
+    duration: Duration,
+    backend: Backend,
+) -> Vec<PlannedFault> {
+    let kinds = kinds(backend);
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let end = duration.as_secs_f64() - 2.0;
     let mut t = 3.0;
@@ -100,8 +164,12 @@ pub fn schedule(seed: u64, nodes: usize, duration: Duration) -> Vec<PlannedFault
         if t + length > end {
             return out;
         }
-        let kind = KINDS[rng.gen_range(0..KINDS.len())];
-        let count = rng.gen_range(1..=max_victims.max(1));
+        let kind = kinds[rng.gen_range(0..kinds.len())];
+        let count = if kind == FaultKind::CutLink {
+            2
+        } else {
+            rng.gen_range(1..=max_victims.max(1))
+        };
         let mut victims = Vec::new();
         while victims.len() < count {
             let v = rng.gen_range(0..nodes);
@@ -172,7 +240,7 @@ pub async fn run_chaos(opts: &ChaosOptions, progress: &dyn Fn(&str)) -> Result<C
     if opts.nodes < 3 {
         bail!("chaos needs at least 3 nodes (a fault must leave a majority)");
     }
-    let plan = schedule(opts.seed, opts.nodes, opts.duration);
+    let plan = schedule(opts.seed, opts.nodes, opts.duration, opts.backend);
     progress(&format!(
         "seed {}: {} faults planned over {:?}",
         opts.seed,
@@ -188,14 +256,8 @@ pub async fn run_chaos(opts: &ChaosOptions, progress: &dyn Fn(&str)) -> Result<C
             f.victims.iter().map(|v| v + 1).collect::<Vec<_>>()
         ));
     }
-    let mut pg_cfg = LocalClusterConfig::for_tests("chaos", opts.nodes);
-    pg_cfg.work_dir = opts.work_dir.clone();
-    pg_cfg.stop_on_signal = true;
-    let mut cluster = MmCluster::start(pg_cfg, MmOptions::default()).await?;
-    progress(&format!(
-        "cluster online; work dir {}",
-        cluster.pg.work_dir().display()
-    ));
+    let log = std::env::var("MM_LOG").unwrap_or_else(|_| "info".into());
+    let mut cluster = Target::start(opts, progress).await?;
 
     let n1 = cluster.connect_proxy(0).await?;
     for sql in [SEED_SCHEMA, BANK_SCHEMA, LEDGER_SCHEMA, PROBE_SCHEMA] {
@@ -209,19 +271,10 @@ pub async fn run_chaos(opts: &ChaosOptions, progress: &dyn Fn(&str)) -> Result<C
         .await
         .context("seeding the bank")?;
     drop(n1);
-    wait_rows(
-        &cluster,
-        "select count(*) from mm_bank",
-        i64::from(accounts),
-    )
-    .await?;
+    let proxies = cluster.proxies()?;
+    let direct = cluster.direct()?;
+    wait_rows(&direct, "select count(*) from mm_bank", i64::from(accounts)).await?;
 
-    let proxies: Vec<String> = cluster
-        .nodes
-        .iter()
-        .map(|n| n.client_conninfo(cluster.dbname()))
-        .collect();
-    let direct: Vec<String> = (0..opts.nodes).map(|i| cluster.pg.conninfo(i)).collect();
     let stop = Stop::after(opts.duration);
     let t0 = Instant::now();
 
@@ -248,9 +301,9 @@ pub async fn run_chaos(opts: &ChaosOptions, progress: &dyn Fn(&str)) -> Result<C
     let mut scripts = Vec::new();
     for i in 0..opts.nodes {
         let script = scripts_dir().join(format!("test{}.sql", i % 3 + 1));
-        let port = cluster.nodes[i].client_port;
-        let db = cluster.dbname().to_string();
-        let bin = cluster.pg.bin().clone();
+        let port = cluster.client_port(i)?;
+        let db = cluster.dbname();
+        let bin = cluster.pgbench()?;
         let clients = opts.clients;
         let stop = stop.clone();
         scripts.push(tokio::spawn(async move {
@@ -283,14 +336,15 @@ pub async fn run_chaos(opts: &ChaosOptions, progress: &dyn Fn(&str)) -> Result<C
     // A slow injection or heal (a clean PostgreSQL stop can take seconds)
     // delays the rest of the schedule instead of squeezing it.
     let mut shift = 0.0f64;
-    let log = std::env::var("MM_LOG").unwrap_or_else(|_| "info".into());
     while t0.elapsed() < opts.duration {
         let now = t0.elapsed().as_secs_f64();
         if let Some((k, at)) = active {
             let f = &plan[k];
             if now >= at + f.length_s {
+                if let Err(e) = cluster.heal(f.kind, &f.victims, &log).await {
+                    progress(&format!("{now:>6.1} s could not heal {:?}: {e:#}", f.kind));
+                }
                 for &v in &f.victims {
-                    heal(&mut cluster, f.kind, v, &log).await?;
                     down[v] = false;
                 }
                 records.push(FaultRecord {
@@ -306,13 +360,13 @@ pub async fn run_chaos(opts: &ChaosOptions, progress: &dyn Fn(&str)) -> Result<C
             }
         } else if next < plan.len() && now >= plan[next].start_s + shift {
             let f = &plan[next];
+            if let Err(e) = cluster.inject(f.kind, &f.victims).await {
+                progress(&format!(
+                    "{now:>6.1} s could not inject {:?}: {e:#}",
+                    f.kind
+                ));
+            }
             for &v in &f.victims {
-                if let Err(e) = inject(&mut cluster, f.kind, v).await {
-                    progress(&format!(
-                        "{now:>6.1} s could not inject {:?}: {e:#}",
-                        f.kind
-                    ));
-                }
                 down[v] = true;
             }
             progress(&format!(
@@ -323,22 +377,13 @@ pub async fn run_chaos(opts: &ChaosOptions, progress: &dyn Fn(&str)) -> Result<C
             active = Some((next, now));
             next += 1;
         }
-        for (i, &is_down) in down.iter().enumerate() {
-            if !is_down && cluster.pg.node(i).is_running() && !cluster.mmd_running(i) {
-                progress(&format!(
-                    "restarting the mmd of node {} (it stopped)",
-                    i + 1
-                ));
-                cluster.start_mmd(i, &log)?;
-                restarts += 1;
-            }
-        }
+        restarts += cluster.supervise(&down, &log, progress)?;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     if let Some((k, at)) = active {
         let f = &plan[k];
-        for &v in &f.victims {
-            heal(&mut cluster, f.kind, v, &log).await?;
+        if let Err(e) = cluster.heal(f.kind, &f.victims, &log).await {
+            progress(&format!("could not heal {:?}: {e:#}", f.kind));
         }
         records.push(FaultRecord {
             kind: f.kind,
@@ -364,19 +409,8 @@ pub async fn run_chaos(opts: &ChaosOptions, progress: &dyn Fn(&str)) -> Result<C
     let heal_at = Instant::now();
     let mut problems = Vec::new();
     let online_after_heal_s = loop {
-        for i in 0..opts.nodes {
-            if cluster.pg.node(i).is_running() && !cluster.mmd_running(i) {
-                cluster.start_mmd(i, &log)?;
-                restarts += 1;
-            }
-        }
-        let mut all = true;
-        for i in 0..opts.nodes {
-            if cluster.status(i).await.ok().as_deref() != Some("online") {
-                all = false;
-            }
-        }
-        if all {
+        restarts += cluster.supervise(&vec![false; opts.nodes], &log, progress)?;
+        if cluster.all_online().await {
             break Some(heal_at.elapsed().as_secs_f64());
         }
         if heal_at.elapsed() > Duration::from_secs(120) {
@@ -447,7 +481,7 @@ pub async fn run_chaos(opts: &ChaosOptions, progress: &dyn Fn(&str)) -> Result<C
         .unwrap_or(0);
     let prepared_left = verdict.nodes.iter().filter_map(|n| n.prepared_left).sum();
     let report = ChaosReport {
-        backend: "local".into(),
+        backend: opts.backend.name().into(),
         seed: opts.seed,
         nodes: opts.nodes,
         duration_s: round3(load_s),
@@ -467,50 +501,222 @@ pub async fn run_chaos(opts: &ChaosOptions, progress: &dyn Fn(&str)) -> Result<C
         online_after_heal_s: online_after_heal_s.map(round3),
         mmd_restarts: restarts,
         repro: format!(
-            "mm-harness chaos --backend local --nodes {} --duration {}s --seed {}",
+            "mm-harness chaos --backend {} --nodes {} --duration {}s --seed {}",
+            opts.backend.name(),
             opts.nodes,
             opts.duration.as_secs(),
             opts.seed
         ),
     };
-    cluster.stop_mmds();
+    cluster.stop().await;
     Ok(report)
 }
 
-async fn inject(c: &mut MmCluster, kind: FaultKind, v: usize) -> Result<()> {
-    match kind {
-        FaultKind::KillMmd => c.kill_mmd(v),
-        FaultKind::KillPostgres => c.pg.kill9(v)?,
-        FaultKind::PauseNode => {
-            let _ = c.signal_mmd(v, libc::SIGSTOP); // it may have stopped itself
-            c.pg.pause(v)?;
-        }
-        FaultKind::PauseMmd => c.signal_mmd(v, libc::SIGSTOP)?,
-        FaultKind::RestartNode => {
-            c.stop_mmd(v);
-            c.pg.stop_node(v)?;
-        }
-    }
-    Ok(())
+/// The cluster under test, on either backend.
+enum Target {
+    Local(MmCluster),
+    Docker(DockerCluster),
 }
 
-async fn heal(c: &mut MmCluster, kind: FaultKind, v: usize, log: &str) -> Result<()> {
-    match kind {
-        FaultKind::KillMmd => c.start_mmd(v, log)?,
-        FaultKind::KillPostgres | FaultKind::RestartNode => {
-            c.pg.start_node(v).await?;
-            c.stop_mmd(v); // the watchdog may not have stopped it yet
-            c.start_mmd(v, log)?;
-        }
-        FaultKind::PauseNode => {
-            c.pg.resume(v)?;
-            let _ = c.signal_mmd(v, libc::SIGCONT);
-        }
-        FaultKind::PauseMmd => {
-            let _ = c.signal_mmd(v, libc::SIGCONT);
+impl Target {
+    async fn start(opts: &ChaosOptions, progress: &dyn Fn(&str)) -> Result<Target> {
+        match opts.backend {
+            Backend::Local => {
+                let mut pg_cfg = LocalClusterConfig::for_tests("chaos", opts.nodes);
+                pg_cfg.work_dir = opts.work_dir.clone();
+                pg_cfg.stop_on_signal = true;
+                let c = MmCluster::start(pg_cfg, MmOptions::default()).await?;
+                progress(&format!(
+                    "cluster online; work dir {}",
+                    c.pg.work_dir().display()
+                ));
+                Ok(Target::Local(c))
+            }
+            Backend::Docker => {
+                let c = DockerCluster::start(DockerClusterConfig::for_tests(opts.nodes)).await?;
+                let names: Vec<&str> = c.nodes().iter().map(|n| n.container.as_str()).collect();
+                progress(&format!("cluster online: containers {}", names.join(", ")));
+                Ok(Target::Docker(c))
+            }
         }
     }
-    Ok(())
+
+    fn len(&self) -> usize {
+        match self {
+            Target::Local(c) => c.nodes.len(),
+            Target::Docker(c) => c.len(),
+        }
+    }
+
+    fn dbname(&self) -> String {
+        match self {
+            Target::Local(c) => c.dbname().to_string(),
+            Target::Docker(_) => "postgres".into(),
+        }
+    }
+
+    async fn connect_proxy(&self, i: usize) -> Result<tokio_postgres::Client> {
+        match self {
+            Target::Local(c) => c.connect_proxy(i).await,
+            Target::Docker(c) => c.connect_proxy(i).await,
+        }
+    }
+
+    /// Each node's mmd, from here.
+    fn proxies(&self) -> Result<Vec<String>> {
+        (0..self.len())
+            .map(|i| match self {
+                Target::Local(c) => Ok(c.nodes[i].client_conninfo(c.dbname())),
+                Target::Docker(c) => c.client_conninfo(i),
+            })
+            .collect()
+    }
+
+    /// Each node's PostgreSQL, from here, for the checks.
+    fn direct(&self) -> Result<Vec<String>> {
+        (0..self.len())
+            .map(|i| match self {
+                Target::Local(c) => Ok(c.pg.conninfo(i)),
+                Target::Docker(c) => c.pg_conninfo(i),
+            })
+            .collect()
+    }
+
+    /// The port of node `i`'s mmd on 127.0.0.1 (for pgbench).
+    fn client_port(&self, i: usize) -> Result<u16> {
+        match self {
+            Target::Local(c) => Ok(c.nodes[i].client_port),
+            Target::Docker(c) => c.nodes()[i]
+                .client_host_port
+                .ok_or_else(|| anyhow::anyhow!("node {} publishes no proxy port", i + 1)),
+        }
+    }
+
+    fn pgbench(&self) -> Result<PgBin> {
+        match self {
+            Target::Local(c) => Ok(c.pg.bin().clone()),
+            Target::Docker(_) => PgBin::find(),
+        }
+    }
+
+    async fn inject(&mut self, kind: FaultKind, victims: &[usize]) -> Result<()> {
+        match self {
+            Target::Local(c) => {
+                for &v in victims {
+                    match kind {
+                        FaultKind::KillMmd => c.kill_mmd(v),
+                        FaultKind::KillPostgres => c.pg.kill9(v)?,
+                        FaultKind::PauseNode => {
+                            let _ = c.signal_mmd(v, libc::SIGSTOP); // it may have stopped itself
+                            c.pg.pause(v)?;
+                        }
+                        FaultKind::PauseMmd => c.signal_mmd(v, libc::SIGSTOP)?,
+                        FaultKind::RestartNode => {
+                            c.stop_mmd(v);
+                            c.pg.stop_node(v)?;
+                        }
+                        other => bail!("{other:?} is not a local-backend fault"),
+                    }
+                }
+            }
+            Target::Docker(c) => {
+                if kind == FaultKind::CutLink {
+                    return c.cut_link(victims[0], victims[1]).await;
+                }
+                for &v in victims {
+                    match kind {
+                        FaultKind::KillNode => c.kill(v).await?,
+                        FaultKind::RestartNode => c.stop_node(v).await?,
+                        FaultKind::PauseNode => c.pause(v).await?,
+                        FaultKind::Disconnect => c.disconnect(v).await?,
+                        other => bail!("{other:?} is not a Docker-backend fault"),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn heal(&mut self, kind: FaultKind, victims: &[usize], log: &str) -> Result<()> {
+        match self {
+            Target::Local(c) => {
+                for &v in victims {
+                    match kind {
+                        FaultKind::KillMmd => c.start_mmd(v, log)?,
+                        FaultKind::KillPostgres | FaultKind::RestartNode => {
+                            c.pg.start_node(v).await?;
+                            c.stop_mmd(v); // the watchdog may not have stopped it yet
+                            c.start_mmd(v, log)?;
+                        }
+                        FaultKind::PauseNode => {
+                            c.pg.resume(v)?;
+                            let _ = c.signal_mmd(v, libc::SIGCONT);
+                        }
+                        FaultKind::PauseMmd => {
+                            let _ = c.signal_mmd(v, libc::SIGCONT);
+                        }
+                        other => bail!("{other:?} is not a local-backend fault"),
+                    }
+                }
+            }
+            Target::Docker(c) => {
+                if kind == FaultKind::CutLink {
+                    return c.heal_link(victims[0], victims[1]).await;
+                }
+                for &v in victims {
+                    match kind {
+                        FaultKind::KillNode | FaultKind::RestartNode => c.start_node(v).await?,
+                        FaultKind::PauseNode => c.unpause(v).await?,
+                        FaultKind::Disconnect => c.reconnect(v).await?,
+                        other => bail!("{other:?} is not a Docker-backend fault"),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Local backend: start again every mmd that stopped (its PostgreSQL
+    /// was gone) on a node no fault holds down, as systemd would. In Docker
+    /// the container's entrypoint does that. Returns how many it started.
+    fn supervise(&mut self, down: &[bool], log: &str, progress: &dyn Fn(&str)) -> Result<u64> {
+        let mut n = 0;
+        if let Target::Local(c) = self {
+            for (i, &is_down) in down.iter().enumerate() {
+                if !is_down && c.pg.node(i).is_running() && !c.mmd_running(i) {
+                    progress(&format!(
+                        "starting the mmd of node {} again (it stopped)",
+                        i + 1
+                    ));
+                    c.start_mmd(i, log)?;
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    async fn all_online(&mut self) -> bool {
+        for i in 0..self.len() {
+            let st = match self {
+                Target::Local(c) => c.status(i).await,
+                Target::Docker(c) => c.status(i).await,
+            };
+            if st.ok().as_deref() != Some("online") {
+                return false;
+            }
+        }
+        true
+    }
+
+    async fn stop(&mut self) {
+        match self {
+            Target::Local(c) => c.stop_mmds(),
+            Target::Docker(c) => {
+                let _ = c.remove().await;
+            }
+        }
+    }
 }
 
 /// Commit one row after another through node `i`'s mmd; note each commit.
@@ -580,10 +786,10 @@ async fn check_probe_rows(direct: &[String], probes: &[Vec<f64>]) -> Vec<String>
     problems
 }
 
-async fn wait_rows(c: &MmCluster, sql: &str, want: i64) -> Result<()> {
+async fn wait_rows(direct: &[String], sql: &str, want: i64) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
-    for i in 0..c.nodes.len() {
-        let db = c.pg.connect(i).await?;
+    for (i, conninfo) in direct.iter().enumerate() {
+        let db = mm_workloads::conn::connect(conninfo, Duration::from_secs(5)).await?;
         loop {
             let n: i64 = db.query_one(sql, &[]).await?.get(0);
             if n == want {
@@ -686,8 +892,8 @@ mod tests {
 
     #[test]
     fn a_seed_gives_one_schedule_of_minority_faults() {
-        let a = schedule(7, 5, Duration::from_secs(120));
-        let b = schedule(7, 5, Duration::from_secs(120));
+        let a = schedule(7, 5, Duration::from_secs(120), Backend::Local);
+        let b = schedule(7, 5, Duration::from_secs(120), Backend::Local);
         assert_eq!(format!("{a:?}"), format!("{b:?}"));
         assert!(a.len() > 5);
         for f in &a {
@@ -696,9 +902,12 @@ mod tests {
         }
         assert_ne!(
             format!("{a:?}"),
-            format!("{:?}", schedule(8, 5, Duration::from_secs(120)))
+            format!(
+                "{:?}",
+                schedule(8, 5, Duration::from_secs(120), Backend::Local)
+            )
         );
-        assert!(schedule(1, 3, Duration::from_secs(60))
+        assert!(schedule(1, 3, Duration::from_secs(60), Backend::Local)
             .iter()
             .all(|f| f.victims.len() == 1));
     }

@@ -5,7 +5,7 @@
 //! - `mm-harness pg-check --port P [--nodes N]`: does that server have the
 //!   settings mm needs? Exit 0 yes, 1 no (with the postgresql.conf lines), 2
 //!   cannot connect.
-//! - `mm-harness chaos [--backend local] [--nodes 3|5] [--duration D] [--seed S]
+//! - `mm-harness chaos [--backend local|docker] [--nodes 3|5] [--duration D] [--seed S]
 //!   [--json]`: workloads under seeded faults, availability, the checks.
 //! - `mm-harness bench [--seconds N] [--json] [--no-fsync] [--workdir D]`:
 //!   mm against its baselines, phase after phase (harness/src/bench): one
@@ -58,9 +58,10 @@ enum Cmd {
     /// schedule of single-node faults, then heal and check every node; an
     /// availability timeline; the last line with --json is the report.
     Chaos {
-        /// Where the nodes run: `local` (processes here) or `docker`.
+        /// Where the nodes run: `local` (processes here) or `docker`
+        /// (containers of the image scripts/build-image.sh builds).
         #[arg(long, default_value = "local")]
-        backend: String,
+        backend: mm_harness::chaos::Backend,
         #[arg(long, default_value_t = 3)]
         nodes: usize,
         /// How long the load and the faults run (e.g. 60s, 10m).
@@ -183,8 +184,9 @@ async fn main() -> ExitCode {
                 seed,
                 clients,
                 work_dir: workdir,
+                backend,
             };
-            chaos(&backend, opts, json).await
+            chaos(opts, json).await
         }
         Cmd::PgUp {
             nodes,
@@ -443,11 +445,7 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     Ok(std::time::Duration::from_secs_f64(v * mult))
 }
 
-async fn chaos(backend: &str, opts: mm_harness::chaos::ChaosOptions, json: bool) -> ExitCode {
-    if backend != "local" {
-        eprintln!("mm-harness chaos: unknown backend {backend:?} (local)");
-        return ExitCode::from(2);
-    }
+async fn chaos(opts: mm_harness::chaos::ChaosOptions, json: bool) -> ExitCode {
     let progress = |s: &str| eprintln!("chaos: {s}");
     match mm_harness::chaos::run_chaos(&opts, &progress).await {
         Ok(r) => {

@@ -7,7 +7,7 @@
 //! `MM_REQUIRE_PG` is set. Needs the `mmd` binary of the same profile
 //! (`cargo test --workspace` builds it) or `MM_MMD_BIN`.
 
-use mm_harness::chaos::{run_chaos, ChaosOptions};
+use mm_harness::chaos::{run_chaos, Backend, ChaosOptions};
 use mm_harness::mm_cluster::find_mmd;
 use mm_harness::pg_bin::pg_or_skip;
 use std::time::Duration;
@@ -27,6 +27,7 @@ async fn short_chaos_run_ends_consistent() {
         duration: Duration::from_secs(40),
         seed,
         clients: 2,
+        backend: Backend::Local,
         work_dir: Some(mm_harness::backend::local::default_work_root().join("chaos_test")),
     };
     let r = run_chaos(&opts, &|s| eprintln!("chaos: {s}"))

@@ -17,8 +17,9 @@
 //! `mmctl init` (it only touches the local PostgreSQL, so each node does it
 //! at its first start) and then `mmd`. The data directory lives in the
 //! container's filesystem: `kill`/`stop` and then `start` bring a node back
-//! with its data. Docker may publish a restarted container on other host
-//! ports, so the mappings are read again after every start and reconnect.
+//! with its data. Host ports are chosen once per node and published again
+//! on every start, so clients' connection strings stay valid; the mappings
+//! are still read back after every start and reconnect.
 //!
 //! Dropping the cluster removes its containers and network (set
 //! `MM_DOCKER_KEEP=1` to keep them for a post-mortem). After an abort (Ctrl-C)
@@ -85,6 +86,9 @@ pub struct DockerNode {
     /// the last (re)start; `None` while the node is down or disconnected.
     pub pg_host_port: Option<u16>,
     pub client_host_port: Option<u16>,
+    /// The host ports it is published on, chosen once: clients keep their
+    /// connection strings across a restart.
+    pinned: (u16, u16),
 }
 
 /// A node's view of the cluster, from `mtm.status()`.
@@ -146,6 +150,7 @@ impl DockerCluster {
                     ip: Ipv4Addr::new(prefix[0], prefix[1], prefix[2], 10 + id as u8),
                     pg_host_port: None,
                     client_host_port: None,
+                    pinned: (0, 0),
                 })
                 .collect(),
             name,
@@ -155,6 +160,10 @@ impl DockerCluster {
         };
         // From here on, Drop cleans up if anything fails.
         for i in 0..cfg.nodes {
+            cluster.nodes[i].pinned = (
+                crate::mm_cluster::free_port()?,
+                crate::mm_cluster::free_port()?,
+            );
             let toml = cluster.node_config(i, &cfg.extra_config)?;
             cluster.run_container(i, &cfg, &toml).await?;
         }
@@ -487,8 +496,9 @@ impl DockerCluster {
             format!("MM_PG_FSYNC={}", if cfg.fsync { "on" } else { "off" }),
             format!("RUST_LOG={}", cfg.log),
         ];
-        let pg_publish = format!("127.0.0.1::{PG_PORT}");
-        let client_publish = format!("127.0.0.1::{CLIENT_PORT}");
+        let (pg_host, client_host) = node.pinned;
+        let pg_publish = format!("127.0.0.1:{pg_host}:{PG_PORT}");
+        let client_publish = format!("127.0.0.1:{client_host}:{CLIENT_PORT}");
         let cluster_label = format!("mm.cluster={}", self.name);
         let hostname = format!("n{}", node.id);
         let mut args: Vec<&str> = vec![
