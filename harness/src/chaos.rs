@@ -804,25 +804,28 @@ async fn wait_rows(direct: &[String], sql: &str, want: i64) -> Result<()> {
     Ok(())
 }
 
-/// Wait (bounded) until no node holds a prepared transaction.
+/// Wait (bounded) until no node holds a prepared transaction, three
+/// readings a second apart: a peer's stream still being applied can prepare
+/// (and then roll back) a transaction after one reading saw none.
 async fn settle_prepared(direct: &[String], limit: Duration) {
     let start = Instant::now();
-    loop {
+    let mut clean = 0;
+    while clean < 3 && start.elapsed() < limit {
         let mut left = 0i64;
         for c in direct {
-            if let Ok(db) = mm_workloads::conn::connect(c, Duration::from_secs(5)).await {
-                if let Ok(r) = db
+            match mm_workloads::conn::connect(c, Duration::from_secs(5)).await {
+                Ok(db) => match db
                     .query_one("select count(*) from pg_prepared_xacts", &[])
                     .await
                 {
-                    left += r.get::<_, i64>(0);
-                }
+                    Ok(r) => left += r.get::<_, i64>(0),
+                    Err(_) => left += 1,
+                },
+                Err(_) => left += 1,
             }
         }
-        if left == 0 || start.elapsed() > limit {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        clean = if left == 0 { clean + 1 } else { 0 };
+        tokio::time::sleep(Duration::from_millis(if left == 0 { 1000 } else { 200 })).await;
     }
 }
 
