@@ -131,6 +131,10 @@ pub struct TurmoilReport {
     pub phases_reached: BTreeMap<Phase, u64>,
     /// Catch-up streams take a delay uniform in [0, this].
     pub stream_delay_max_ms: u64,
+    /// Catch-up streams donors started, and those that never landed (a
+    /// crash of the donor's host dropped them, or the run ended first).
+    pub streams_started: u64,
+    pub streams_dropped: u64,
     pub options: TurmoilOptions,
     /// Simulated time from healing to settled; None if it never settled.
     pub settled_after_ms: Option<u64>,
@@ -233,17 +237,21 @@ impl Storage for ObservedStorage {
         let mut cmd = cmd;
         self.tap.lock().expect("lock").on_db_cmd(self.id, &cmd);
         if let DbCmd::StreamCatchup { .. } = cmd {
+            self.tap.lock().expect("lock").streams_started += 1;
             let delay = self.rng.gen_range(0..=self.stream_delay_max_ms);
             if delay > 0 {
                 // The stream lands at once after the delay, if this host is
                 // still up (a crash drops the task, as it would the walsender).
                 let (cluster, id, results) = (self.cluster.clone(), self.id, results.clone());
+                let tap = self.tap.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(Duration::from_millis(delay)).await;
+                    tap.lock().expect("lock").streams_landed += 1;
                     cluster.storage(id, results.clone()).execute(cmd, &results);
                 });
                 return;
             }
+            self.tap.lock().expect("lock").streams_landed += 1;
         }
         {
             let mut o = self.obs.lock().expect("lock");
@@ -757,7 +765,11 @@ pub fn run_turmoil(opts: &TurmoilOptions) -> TurmoilReport {
     }
     let sim_ms = sim.elapsed().as_millis() as u64;
     drop(sim); // stops every host; the databases stay for the checks
-    let phases_reached = std::mem::take(&mut tap.lock().expect("lock").reached);
+    let (phases_reached, streams_started, streams_dropped) = {
+        let mut t = tap.lock().expect("lock");
+        let dropped = t.streams_started - t.streams_landed;
+        (std::mem::take(&mut t.reached), t.streams_started, dropped)
+    };
     for t in &targets {
         if !phase_hits.iter().any(|(p, _)| *p == t.phase) {
             faults.push(format!("target {}:{} never fired", t.phase, t.fault));
@@ -863,6 +875,8 @@ pub fn run_turmoil(opts: &TurmoilOptions) -> TurmoilReport {
         phase_hits,
         phases_reached,
         stream_delay_max_ms,
+        streams_started,
+        streams_dropped,
         options: opts.clone(),
     }
 }

@@ -194,6 +194,10 @@ pub struct PhaseTap {
     pub hits: Vec<Hit>,
     /// How often each phase was reached while active (armed or not).
     pub reached: BTreeMap<Phase, u64>,
+    /// Catch-up streams started by donors, and those that landed (the
+    /// rest were dropped mid-way by a crash of the donor's host).
+    pub streams_started: u64,
+    pub streams_landed: u64,
     /// Generation numbers some node promised: the first to promise a
     /// number is its campaign's leader (it votes for itself at once).
     pub promised: BTreeSet<u64>,
