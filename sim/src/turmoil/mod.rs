@@ -229,7 +229,12 @@ impl Storage for ObservedStorage {
 
     async fn persist(&mut self, op: &DurableOp) -> Result<(), StorageError> {
         self.inner.persist(op).await?;
-        self.tap.lock().expect("lock").on_persist(self.id, op);
+        let halt = self.tap.lock().expect("lock").on_persist(self.id, op);
+        if halt {
+            // A crash target fired on this write: the main loop crashes the
+            // host after this step; until then nothing more leaves the node.
+            std::future::pending::<()>().await;
+        }
         Ok(())
     }
 
@@ -627,7 +632,7 @@ pub fn run_turmoil(opts: &TurmoilOptions) -> TurmoilReport {
     let stream_delay_max_ms = [0u64, 50, 300, 1000][trng.gen_range(0..4)];
     let targets = arm_targets(&mut trng, opts.phase_faults);
     let tap: SharedTap = Arc::new(Mutex::new(PhaseTap {
-        armed: targets.iter().map(|t| t.phase).collect(),
+        armed: targets.iter().map(|t| (t.phase, t.fault)).collect(),
         ..PhaseTap::default()
     }));
     // The driver's log is where the joiner's catch-up start shows.

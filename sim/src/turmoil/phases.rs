@@ -26,7 +26,8 @@ pub enum Phase {
     VotedYes,
     /// A coordinator made its precommit durable and sent it; acks pending.
     Precommitted,
-    /// A coordinator decided commit: COMMIT PREPARED started, Decision sent.
+    /// A coordinator decided commit (durably); COMMIT PREPARED and the
+    /// Decision to every peer follow.
     CommitSent,
     /// A resolver promised its own ballot: its query round is in flight.
     ResolverRound,
@@ -188,8 +189,8 @@ pub struct Hit {
 pub struct PhaseTap {
     /// Set by the main loop: targets fire only in this window.
     pub active: bool,
-    /// Phases still waiting for their first occurrence.
-    pub armed: BTreeSet<Phase>,
+    /// Phases still waiting for their first occurrence, with their fault.
+    pub armed: BTreeMap<Phase, PhaseFault>,
     /// Fired, not yet handled by the main loop.
     pub hits: Vec<Hit>,
     /// How often each phase was reached while active (armed or not).
@@ -206,56 +207,65 @@ pub struct PhaseTap {
 pub type SharedTap = Arc<Mutex<PhaseTap>>;
 
 impl PhaseTap {
-    pub fn observe(&mut self, phase: Phase, node: NodeId, partner: Option<NodeId>) {
+    /// Whether this fired a crash target.
+    pub fn observe(&mut self, phase: Phase, node: NodeId, partner: Option<NodeId>) -> bool {
         if !self.active {
-            return;
+            return false;
         }
         *self.reached.entry(phase).or_default() += 1;
-        if self.armed.remove(&phase) {
-            self.hits.push(Hit {
-                phase,
-                node,
-                partner,
-            });
-        }
+        let Some(fault) = self.armed.remove(&phase) else {
+            return false;
+        };
+        self.hits.push(Hit {
+            phase,
+            node,
+            partner,
+        });
+        fault == PhaseFault::Crash
     }
 
     /// A database command of `node`.
     pub fn on_db_cmd(&mut self, node: NodeId, cmd: &DbCmd) {
-        match *cmd {
+        let _ = match *cmd {
             DbCmd::PrepareLocal { .. } => self.observe(Phase::LocalPrepared, node, None),
             DbCmd::ApplyAndPrepare { gid } => self.observe(Phase::VotedYes, node, Some(gid.origin)),
-            DbCmd::CommitPrepared { gid } if gid.origin == node => {
-                self.observe(Phase::CommitSent, node, None)
-            }
             DbCmd::StreamCatchup { to, .. } => self.observe(Phase::CatchupDonor, node, Some(to)),
-            _ => {}
-        }
+            _ => false,
+        };
     }
 
-    /// A durable write of `node`.
-    pub fn on_persist(&mut self, node: NodeId, op: &DurableOp) {
+    /// A durable write of `node`. True if a crash target fired: the node
+    /// must then stop right here, so nothing that follows this write (in
+    /// particular the messages it allows) leaves before the host crashes.
+    pub fn on_persist(&mut self, node: NodeId, op: &DurableOp) -> bool {
         match op {
             DurableOp::PromiseGen(num) if self.promised.insert(*num) => {
-                self.observe(Phase::Campaign, node, None);
+                self.observe(Phase::Campaign, node, None)
             }
             DurableOp::AdoptGen(g) => {
                 self.promised.insert(g.num);
-                self.observe(Phase::GenAdopted, node, None);
+                self.observe(Phase::GenAdopted, node, None)
+            }
+            DurableOp::Tx(gid, rec) if gid.origin == node && rec.decided == Some(true) => {
+                // The coordinator decided commit; COMMIT PREPARED and the
+                // Decision follow this write.
+                self.observe(Phase::CommitSent, node, None)
             }
             DurableOp::Tx(gid, rec) if rec.decided.is_none() => {
                 let own = |b: Ballot| b.node == node && b.round > 0;
                 if gid.origin == node && rec.accepted == Some((Ballot::COORDINATOR, true)) {
                     // The coordinator's acceptance of its own precommit.
-                    self.observe(Phase::Precommitted, node, None);
+                    self.observe(Phase::Precommitted, node, None)
                 } else if rec.promised.is_some_and(own)
                     && rec.accepted.map(|(b, _)| b) != rec.promised
                 {
                     // A resolver's promise of its own ballot (phase 1).
-                    self.observe(Phase::ResolverRound, node, None);
+                    self.observe(Phase::ResolverRound, node, None)
+                } else {
+                    false
                 }
             }
-            _ => {}
+            _ => false,
         }
     }
 }
