@@ -118,3 +118,13 @@ fn commit_on_majority_prepares_is_caught() {
     // The same seed passes with the correct core: the catch is the mutant's.
     assert_clean(&run_turmoil_seed(caught.unwrap(), 3));
 }
+
+/// Found by a phase-targeted sweep: a catch-up stream landed (held up in
+/// flight) while the joiner held one of its transactions prepared; the
+/// in-memory storage copied it as committed, and the decision committed it
+/// a second time. PostgreSQL's replay skips a gid held prepared
+/// (`pg/replay.rs`); `MemStorage` now does too.
+#[test]
+fn catchup_skips_a_gid_the_joiner_holds_prepared() {
+    assert_clean(&run_turmoil_seed(50399, 5));
+}
