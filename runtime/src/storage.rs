@@ -178,8 +178,10 @@ impl Storage for MemStorage {
                     .copied()
                     .collect();
                 if let Some(joiner) = s.dbs.get_mut(&to) {
+                    // Only what it lacks: a gid it holds prepared gets its
+                    // decision from the protocol (as `pg/replay.rs` skips it).
                     for g in batch {
-                        if !joiner.committed.contains(&g) {
+                        if !joiner.committed.contains(&g) && !joiner.prepared.contains(&g) {
                             joiner.committed.push(g);
                         }
                     }

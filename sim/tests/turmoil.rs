@@ -3,7 +3,9 @@
 //! same outcome, and broken variants (a lossy storage, a core mutant) are
 //! caught, so the checks are proven able to fail.
 
-use mm_sim::turmoil::{run_turmoil, run_turmoil_seed, TurmoilOptions, TurmoilReport};
+use mm_sim::turmoil::{
+    run_turmoil, run_turmoil_seed, Phase, PhaseFault, PhaseFaults, TurmoilOptions, TurmoilReport,
+};
 use mm_sim::Mutant;
 
 fn assert_clean(r: &TurmoilReport) {
@@ -35,9 +37,23 @@ fn five_nodes_ten_seeds() {
 
 #[test]
 fn same_seed_same_run() {
-    for (seed, nodes) in [(3, 3), (11, 5)] {
-        let a = run_turmoil_seed(seed, nodes);
-        let b = run_turmoil_seed(seed, nodes);
+    let target = |seed, nodes, p, x| TurmoilOptions {
+        phase_faults: PhaseFaults::Forced(p, x),
+        ..TurmoilOptions::new(seed, nodes)
+    };
+    for opts in [
+        TurmoilOptions::new(3, 3),
+        TurmoilOptions::new(11, 5),
+        target(5, 3, Phase::CommitSent, PhaseFault::Crash),
+        target(1, 3, Phase::CatchupDonor, PhaseFault::Crash),
+        target(5, 5, Phase::CatchupJoiner, PhaseFault::PartitionAll),
+        target(9, 3, Phase::Campaign, PhaseFault::Hold),
+    ] {
+        let seed = opts.seed;
+        let a = run_turmoil(&opts);
+        let b = run_turmoil(&opts);
+        // Every one of these runs fires a target (the random seeds their own).
+        assert!(!a.phase_hits.is_empty(), "seed {seed}: no target fired");
         let counts = |r: &TurmoilReport| {
             (
                 r.committed,
@@ -51,6 +67,17 @@ fn same_seed_same_run() {
         };
         assert_eq!(counts(&a), counts(&b), "seed {seed}: outcome counts differ");
         assert_eq!(a.faults, b.faults, "seed {seed}: fault schedules differ");
+        assert_eq!(a.phase_hits, b.phase_hits, "seed {seed}: targets differ");
+        assert_eq!(
+            a.phases_reached, b.phases_reached,
+            "seed {seed}: phases differ"
+        );
+        let streams = |r: &TurmoilReport| (r.streams_started, r.streams_dropped);
+        assert_eq!(
+            streams(&a),
+            streams(&b),
+            "seed {seed}: catch-up streams differ"
+        );
         assert_eq!(a.event_hash, b.event_hash, "seed {seed}: event logs differ");
     }
 }
@@ -90,4 +117,14 @@ fn commit_on_majority_prepares_is_caught() {
     );
     // The same seed passes with the correct core: the catch is the mutant's.
     assert_clean(&run_turmoil_seed(caught.unwrap(), 3));
+}
+
+/// Found by a phase-targeted sweep: a catch-up stream landed (held up in
+/// flight) while the joiner held one of its transactions prepared; the
+/// in-memory storage copied it as committed, and the decision committed it
+/// a second time. PostgreSQL's replay skips a gid held prepared
+/// (`pg/replay.rs`); `MemStorage` now does too.
+#[test]
+fn catchup_skips_a_gid_the_joiner_holds_prepared() {
+    assert_clean(&run_turmoil_seed(50399, 5));
 }

@@ -5,7 +5,7 @@ use clap::{Parser, Subcommand};
 use mm_sim::coverage::Path;
 use mm_sim::faults::FaultKind;
 use mm_sim::sweep::{first_failing_seed, sweep};
-use mm_sim::turmoil::{run_turmoil, TurmoilOptions};
+use mm_sim::turmoil::{run_turmoil, PhaseCoverage, PhaseFaults, TurmoilOptions};
 use mm_sim::{mutant_by_name, Mutant, Params, RunOptions, World};
 use serde_json::json;
 use std::process::ExitCode;
@@ -73,6 +73,10 @@ enum Cmd {
         /// Use the deliberately broken storage (loses one commit on node 2).
         #[arg(long)]
         lossy_storage: bool,
+        /// Phase-targeted faults: `random` (each seed arms 0-4 targets),
+        /// `off`, or one forced `PHASE:FAULT` (e.g. `commit_sent:crash`).
+        #[arg(long, default_value = "random")]
+        phase_faults: String,
         /// Print each seed's fault schedule.
         #[arg(long)]
         verbose: bool,
@@ -132,6 +136,7 @@ fn main() -> ExitCode {
             nodes,
             mutant,
             lossy_storage,
+            phase_faults,
             verbose,
             json,
         } => check_nodes(nodes)
@@ -142,12 +147,14 @@ fn main() -> ExitCode {
                     parse_mutant(&mutant)
                 }
             })
-            .map(|m| {
+            .and_then(|m| Ok((m, phase_faults.parse::<PhaseFaults>()?)))
+            .map(|(m, phase_faults)| {
                 let opts = TurmoilOptions {
                     seed: start,
                     nodes,
                     mutant: m,
                     lossy_storage,
+                    phase_faults,
                 };
                 cmd_turmoil(seeds, opts, verbose, json)
             }),
@@ -330,12 +337,14 @@ fn cmd_turmoil(seeds: u64, base: TurmoilOptions, verbose: bool, json: bool) -> E
     let (mut committed, mut aborted, mut refused, mut unknown) = (0, 0, 0, 0);
     let mut violations = 0;
     let mut failing = Vec::new();
+    let mut coverage = PhaseCoverage::default();
     for seed in base.seed..base.seed + seeds {
         let opts = TurmoilOptions {
             seed,
             ..base.clone()
         };
         let r = run_turmoil(&opts);
+        coverage.add(&r);
         committed += r.committed;
         aborted += r.aborted;
         refused += r.refused;
@@ -366,14 +375,7 @@ fn cmd_turmoil(seeds: u64, base: TurmoilOptions, verbose: bool, json: bool) -> E
             if r.violations.len() > 10 {
                 println!("  ... and {} more violations", r.violations.len() - 10);
             }
-            let mut repro = r.repro();
-            if let Some(m) = base.mutant {
-                repro.push_str(&format!(" --mutant {}", m.name()));
-            }
-            if base.lossy_storage {
-                repro.push_str(" --lossy-storage");
-            }
-            println!("  repro: {repro}");
+            println!("  repro: {}", r.repro());
             failing.push(seed);
         }
     }
@@ -383,6 +385,15 @@ fn cmd_turmoil(seeds: u64, base: TurmoilOptions, verbose: bool, json: bool) -> E
     } else {
         0.0
     };
+    print!(
+        "phase targets fired (seeds per pair):\n{}",
+        coverage.table()
+    );
+    let missing = coverage.missing();
+    if !missing.is_empty() {
+        let names: Vec<String> = missing.iter().map(|(p, x)| format!("{p}:{x}")).collect();
+        println!("never fired: {}", names.join(", "));
+    }
     println!(
         "turmoil: {seeds} seeds ({}..{}), {} nodes: {secs:.1}s, {per_min:.0} seeds/min; {violations} violations in {} failing seeds",
         base.seed,
@@ -402,6 +413,13 @@ fn cmd_turmoil(seeds: u64, base: TurmoilOptions, verbose: bool, json: bool) -> E
             "aborted": aborted,
             "refused": refused,
             "unknown": unknown,
+            "phase_faults": base.phase_faults.to_string(),
+            "phase_hits": coverage
+                .hits
+                .iter()
+                .map(|((p, x), c)| (format!("{p}:{x}"), *c))
+                .collect::<std::collections::BTreeMap<_, _>>(),
+            "phase_pairs_never_fired": missing.len(),
         });
         println!("{obj}");
     }

@@ -9,18 +9,30 @@
 //! held links) and a liveness phase (everything healed, no new work, the
 //! cluster must settle); then the checks.
 //!
+//! Besides the time-based schedule, a seed arms up to four phase targets
+//! ([`phases`]): a (protocol phase, fault) pair that fires the first time a
+//! node reaches the phase after the load started: crash-restart the node,
+//! partition it from its partner in the phase or from everyone, or hold
+//! its link to a peer. [`PhaseCoverage`] counts which pairs a sweep fired.
+//!
 //! The databases are one [`MemCluster`], shared by all hosts: it stands for
 //! each node's local PostgreSQL, which outlives a crash of the node's
 //! software (a crashed host reloads its durable state and prepared
-//! transactions from it when bounced). Its instant data plane (a local
-//! prepare reaches every running peer at once, catch-up copies at once)
-//! crosses hosts outside turmoil's network: acceptable for this tier, which
-//! tests the control plane (mesh, handshake, timers, reconnects, the
-//! driver's ordering); the data plane's own faults are T1's business.
+//! transactions from it when bounced). Its data plane (a local prepare
+//! reaches every running peer at once; catch-up copies after a seeded
+//! delay, during which the donor's host must stay up, so faults can land
+//! mid-stream) crosses hosts outside turmoil's network: acceptable for this
+//! tier, which tests the control plane (mesh, handshake, timers,
+//! reconnects, the driver's ordering); the data plane's own faults are
+//! T1's business.
 
+pub mod phases;
 pub mod transport;
 
+pub use phases::{Phase, PhaseCoverage, PhaseFault, PhaseFaults, Target};
 pub use transport::{TurmoilListener, TurmoilTransport};
+
+use phases::{CatchupTap, Hit, PhaseTap, SharedTap};
 
 use crate::fnv::Fnv;
 use mm_core::Outcome;
@@ -66,6 +78,8 @@ pub struct TurmoilOptions {
     /// transaction it did not originate into a rollback, yet the protocol
     /// goes on as if it had committed. The checks must catch it.
     pub lossy_storage: bool,
+    /// Phase-targeted faults on top of the time-based schedule.
+    pub phase_faults: PhaseFaults,
 }
 
 impl TurmoilOptions {
@@ -75,7 +89,23 @@ impl TurmoilOptions {
             nodes,
             mutant: None,
             lossy_storage: false,
+            phase_faults: PhaseFaults::Random,
         }
+    }
+
+    /// The command line that runs exactly this.
+    pub fn repro(&self) -> String {
+        let mut s = turmoil_repro_line(self.seed, self.nodes);
+        if let Some(m) = self.mutant {
+            s.push_str(&format!(" --mutant {}", m.name()));
+        }
+        if self.lossy_storage {
+            s.push_str(" --lossy-storage");
+        }
+        if self.phase_faults != PhaseFaults::Random {
+            s.push_str(&format!(" --phase-faults {}", self.phase_faults));
+        }
+        s
     }
 }
 
@@ -91,8 +121,21 @@ pub struct TurmoilReport {
     pub aborted: u64,
     pub refused: u64,
     pub unknown: u64,
-    /// The fault schedule, one line per action.
+    /// The fault schedule, one line per action (targets' included).
     pub faults: Vec<String>,
+    /// The phase targets the seed armed.
+    pub targets: Vec<Target>,
+    /// The targets that fired, in firing order.
+    pub phase_hits: Vec<(Phase, PhaseFault)>,
+    /// How often each phase was reached while targets could fire.
+    pub phases_reached: BTreeMap<Phase, u64>,
+    /// Catch-up streams take a delay uniform in [0, this].
+    pub stream_delay_max_ms: u64,
+    /// Catch-up streams donors started, and those that never landed (a
+    /// crash of the donor's host dropped them, or the run ended first).
+    pub streams_started: u64,
+    pub streams_dropped: u64,
+    pub options: TurmoilOptions,
     /// Simulated time from healing to settled; None if it never settled.
     pub settled_after_ms: Option<u64>,
     /// Simulated time of the whole run.
@@ -108,8 +151,9 @@ impl TurmoilReport {
     pub fn ok(&self) -> bool {
         self.violations.is_empty()
     }
+    /// The one-line command that replays this run.
     pub fn repro(&self) -> String {
-        turmoil_repro_line(self.seed, self.nodes)
+        self.options.repro()
     }
 }
 
@@ -164,12 +208,18 @@ struct Observed {
     lost: Option<Gid>,
 }
 
-/// `MemStorage` with an observer, and optionally the lossy variant.
+/// `MemStorage` with an observer, and optionally the lossy variant. It
+/// reports phases to the tap and delays catch-up streams.
 struct ObservedStorage {
     id: NodeId,
     inner: MemStorage,
+    cluster: MemCluster,
     obs: Arc<Mutex<Observed>>,
     lossy: bool,
+    tap: SharedTap,
+    /// Draws stream delays; seeded per node and incarnation.
+    rng: ChaCha8Rng,
+    stream_delay_max_ms: u64,
 }
 
 impl Storage for ObservedStorage {
@@ -178,11 +228,36 @@ impl Storage for ObservedStorage {
     }
 
     async fn persist(&mut self, op: &DurableOp) -> Result<(), StorageError> {
-        self.inner.persist(op).await
+        self.inner.persist(op).await?;
+        let halt = self.tap.lock().expect("lock").on_persist(self.id, op);
+        if halt {
+            // A crash target fired on this write: the main loop crashes the
+            // host after this step; until then nothing more leaves the node.
+            std::future::pending::<()>().await;
+        }
+        Ok(())
     }
 
     fn execute(&mut self, cmd: DbCmd, results: &UnboundedSender<Input>) {
         let mut cmd = cmd;
+        self.tap.lock().expect("lock").on_db_cmd(self.id, &cmd);
+        if let DbCmd::StreamCatchup { .. } = cmd {
+            self.tap.lock().expect("lock").streams_started += 1;
+            let delay = self.rng.gen_range(0..=self.stream_delay_max_ms);
+            if delay > 0 {
+                // The stream lands at once after the delay, if this host is
+                // still up (a crash drops the task, as it would the walsender).
+                let (cluster, id, results) = (self.cluster.clone(), self.id, results.clone());
+                let tap = self.tap.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(delay)).await;
+                    tap.lock().expect("lock").streams_landed += 1;
+                    cluster.storage(id, results.clone()).execute(cmd, &results);
+                });
+                return;
+            }
+            self.tap.lock().expect("lock").streams_landed += 1;
+        }
         {
             let mut o = self.obs.lock().expect("lock");
             match cmd {
@@ -267,6 +342,66 @@ fn schedule(rng: &mut ChaCha8Rng, n: usize) -> Vec<Scheduled> {
     out
 }
 
+/// The seed's phase targets: for `Random`, none in one seed of eight, else
+/// one to four, of distinct phases and distinct faults.
+fn arm_targets(rng: &mut ChaCha8Rng, mode: PhaseFaults) -> Vec<Target> {
+    fn draw(rng: &mut ChaCha8Rng, (phase, fault): (Phase, PhaseFault)) -> Target {
+        Target {
+            phase,
+            fault,
+            duration_ms: match fault {
+                PhaseFault::Crash => rng.gen_range(50..=1500),
+                _ => rng.gen_range(100..=2000),
+            },
+            peer_pick: rng.gen(),
+        }
+    }
+    match mode {
+        PhaseFaults::Off => Vec::new(),
+        PhaseFaults::Forced(p, x) => vec![draw(rng, (p, x))],
+        PhaseFaults::Random => {
+            // Distinct phases and distinct faults, so a sweep spreads evenly.
+            let mut phases = Phase::ALL.to_vec();
+            let mut faults = PhaseFault::ALL.to_vec();
+            let k = [0, 1, 2, 2, 3, 3, 4, 4][rng.gen_range(0..8)];
+            let mut out = Vec::new();
+            for _ in 0..k {
+                let p = phases.remove(rng.gen_range(0..phases.len()));
+                let x = faults.remove(rng.gen_range(0..faults.len()));
+                out.push((p, x));
+            }
+            out.into_iter().map(|px| draw(rng, px)).collect()
+        }
+    }
+}
+
+/// What a fired target does, from `now`: the fault, then its end.
+fn target_actions(t: &Target, hit: &Hit, n: usize, now: u64) -> Vec<(u64, Action)> {
+    let x = hit.node;
+    let others: Vec<NodeId> = (1..=n as NodeId).filter(|&y| y != x).collect();
+    let peer = hit
+        .partner
+        .filter(|p| *p != x)
+        .unwrap_or(others[t.peer_pick as usize % others.len()]);
+    let end = (now + t.duration_ms).min(HEAL_MS - 1).max(now + 1);
+    match t.fault {
+        PhaseFault::Crash => vec![(now, Action::Crash(x)), (end, Action::Bounce(x))],
+        PhaseFault::PartitionOne => vec![
+            (now, Action::Partition(x, peer)),
+            (end, Action::Repair(x, peer)),
+        ],
+        PhaseFault::PartitionAll => others
+            .iter()
+            .map(|&y| (now, Action::Partition(x, y)))
+            .chain(others.iter().map(|&y| (end, Action::Repair(x, y))))
+            .collect(),
+        PhaseFault::Hold => vec![
+            (now, Action::Hold(x, peer)),
+            (end, Action::Release(x, peer)),
+        ],
+    }
+}
+
 fn apply(sim: &mut ::turmoil::Sim<'_>, a: Action) -> bool {
     match a {
         Action::Crash(x) => {
@@ -322,6 +457,8 @@ struct NodeCtx {
     cluster: MemCluster,
     obs: Arc<Mutex<Observed>>,
     registry: Registry,
+    tap: SharedTap,
+    stream_delay_max_ms: u64,
 }
 
 /// One host's software: the mesh and the driver, exactly as `mmd` wires
@@ -344,8 +481,12 @@ async fn run_node(c: NodeCtx) -> ::turmoil::Result {
     let storage = ObservedStorage {
         id: c.id,
         inner: c.cluster.storage(c.id, tx.clone()),
+        cluster: c.cluster.clone(),
         obs: c.obs,
         lossy: c.lossy,
+        tap: c.tap,
+        rng: ChaCha8Rng::seed_from_u64(mix(c.seed ^ 0x57ea, ((c.id as u64) << 32) | c.incarnation)),
+        stream_delay_max_ms: c.stream_delay_max_ms,
     };
     let cfg = core_config(c.id, c.n, c.mutant);
     let (driver, handle) = Driver::start(cfg, storage, mesh, inbox, (tx, rx)).await?;
@@ -487,6 +628,15 @@ pub fn run_turmoil(opts: &TurmoilOptions) -> TurmoilReport {
     let mut rng = ChaCha8Rng::seed_from_u64(mix(seed, 0xfa17));
     let max_latency = [1u64, 5, 20, 50][rng.gen_range(0..4)];
     let plan = schedule(&mut rng, n);
+    let mut trng = ChaCha8Rng::seed_from_u64(mix(seed, 0x7a26_0000 + n as u64));
+    let stream_delay_max_ms = [0u64, 50, 300, 1000][trng.gen_range(0..4)];
+    let targets = arm_targets(&mut trng, opts.phase_faults);
+    let tap: SharedTap = Arc::new(Mutex::new(PhaseTap {
+        armed: targets.iter().map(|t| (t.phase, t.fault)).collect(),
+        ..PhaseTap::default()
+    }));
+    // The driver's log is where the joiner's catch-up start shows.
+    let _tracing = tracing::subscriber::set_default(CatchupTap(tap.clone()));
 
     let mut sim = ::turmoil::Builder::new()
         .rng_seed(seed)
@@ -500,7 +650,8 @@ pub fn run_turmoil(opts: &TurmoilOptions) -> TurmoilReport {
     let registry: Registry = Rc::new(RefCell::new(BTreeMap::new()));
     let obs = Arc::new(Mutex::new(Observed::default()));
     for id in 1..=n as NodeId {
-        let (cluster, registry, obs) = (cluster.clone(), registry.clone(), obs.clone());
+        let (cluster, registry, obs, tap) =
+            (cluster.clone(), registry.clone(), obs.clone(), tap.clone());
         let (mutant, lossy) = (opts.mutant, opts.lossy_storage);
         let boots = Cell::new(0u64);
         sim.host(host_name(id), move || {
@@ -516,6 +667,8 @@ pub fn run_turmoil(opts: &TurmoilOptions) -> TurmoilReport {
                 cluster: cluster.clone(),
                 obs: obs.clone(),
                 registry: registry.clone(),
+                tap: tap.clone(),
+                stream_delay_max_ms,
             })
         });
     }
@@ -532,23 +685,63 @@ pub fn run_turmoil(opts: &TurmoilOptions) -> TurmoilReport {
     );
 
     let mut violations = Vec::new();
-    let mut faults = vec![format!("max message latency {max_latency}ms")];
+    let mut faults = vec![format!(
+        "max message latency {max_latency}ms; catch-up stream delay up to {stream_delay_max_ms}ms"
+    )];
+    for t in &targets {
+        faults.push(format!(
+            "armed: {}:{} for {}ms",
+            t.phase, t.fault, t.duration_ms
+        ));
+    }
     let mut hash = Fnv::new();
     hash.u64(max_latency);
-    let mut next = 0;
+    for line in &faults {
+        hash.bytes(line.as_bytes());
+    }
+    // (time, order) -> action: the schedule, then targets' actions as they fire.
+    let mut queue: BTreeMap<(u64, u64), Action> = plan
+        .iter()
+        .enumerate()
+        .map(|(i, s)| ((s.at_ms, i as u64), s.action))
+        .collect();
+    let mut order = queue.len() as u64;
+    let mut phase_hits = Vec::new();
     let mut healed = false;
     loop {
         let now = sim.elapsed().as_millis() as u64;
-        while next < plan.len() && plan[next].at_ms <= now {
-            let s = plan[next];
-            next += 1;
-            let done = apply(&mut sim, s.action);
+        let hits = {
+            let mut t = tap.lock().expect("lock");
+            t.active = (LOAD_START_MS..HEAL_MS - 100).contains(&now);
+            std::mem::take(&mut t.hits)
+        };
+        for hit in hits {
+            let Some(t) = targets.iter().find(|t| t.phase == hit.phase) else {
+                continue;
+            };
             let line = format!(
-                "{}ms {:?}{}",
-                now,
-                s.action,
-                if done { "" } else { " (skipped)" }
+                "{now}ms target {}:{} fired on node {}{}",
+                t.phase,
+                t.fault,
+                hit.node,
+                hit.partner
+                    .map_or(String::new(), |p| format!(" (partner {p})"))
             );
+            hash.bytes(line.as_bytes());
+            faults.push(line);
+            phase_hits.push((t.phase, t.fault));
+            for (at, a) in target_actions(t, &hit, n, now) {
+                queue.insert((at, order), a);
+                order += 1;
+            }
+        }
+        while let Some(entry) = queue.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let a = entry.remove();
+            let done = apply(&mut sim, a);
+            let line = format!("{}ms {:?}{}", now, a, if done { "" } else { " (skipped)" });
             hash.bytes(line.as_bytes());
             faults.push(line);
         }
@@ -577,6 +770,16 @@ pub fn run_turmoil(opts: &TurmoilOptions) -> TurmoilReport {
     }
     let sim_ms = sim.elapsed().as_millis() as u64;
     drop(sim); // stops every host; the databases stay for the checks
+    let (phases_reached, streams_started, streams_dropped) = {
+        let mut t = tap.lock().expect("lock");
+        let dropped = t.streams_started - t.streams_landed;
+        (std::mem::take(&mut t.reached), t.streams_started, dropped)
+    };
+    for t in &targets {
+        if !phase_hits.iter().any(|(p, _)| *p == t.phase) {
+            faults.push(format!("target {}:{} never fired", t.phase, t.fault));
+        }
+    }
 
     let log = std::mem::take(&mut *log.borrow_mut());
     let obs = std::mem::take(&mut *obs.lock().expect("lock"));
@@ -673,5 +876,12 @@ pub fn run_turmoil(opts: &TurmoilOptions) -> TurmoilReport {
         sim_ms,
         committed_txs: sets[0].len(),
         event_hash: hash.finish(),
+        targets,
+        phase_hits,
+        phases_reached,
+        stream_delay_max_ms,
+        streams_started,
+        streams_dropped,
+        options: opts.clone(),
     }
 }
