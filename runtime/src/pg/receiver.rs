@@ -22,7 +22,7 @@ use super::replay::Replayer;
 use super::replication::conn::{ReplicationClient, ReplicationStream};
 use super::replication::pgoutput::{PgOutputMessage, Relation};
 use super::replication::Lsn;
-use mm_core::{Gid, Input, NodeId};
+use mm_core::{Gid, Input, Message, NodeId};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -323,7 +323,7 @@ async fn stream_once(
                             .await?;
                         }
                     }
-                    None => note_decided(&cp.gid, s.peer, hub, &mut decided),
+                    None => note_decided(&cp.gid, true, s.peer, hub, &mut decided, results),
                 }
             }
             PgOutputMessage::RollbackPrepared(rp) => {
@@ -335,7 +335,7 @@ async fn stream_once(
                     wait_verdict(hub, &gid).await?;
                     hub.take_missed(&gid);
                 }
-                note_decided(&rp.gid, s.peer, hub, &mut decided)
+                note_decided(&rp.gid, false, s.peer, hub, &mut decided, results)
             }
         }
     }
@@ -381,10 +381,28 @@ async fn wait_verdict(hub: &Hub, gid: &Gid) -> Result<(), String> {
 
 /// The peer decided one of its transactions that is still open here: later
 /// ones of this stream wait for it (see `RemoteTx::after`).
-fn note_decided(gid: &str, peer: NodeId, hub: &Hub, decided: &mut BTreeSet<Gid>) {
+///
+/// The origin finishes its own prepared copy only once its decision is
+/// durable, so its stream is also a decision message: the core gets it, as
+/// from the origin. This matters when this node's stream lags: the origin's
+/// `Decision` arrived before the transaction was held here, the core had
+/// nothing to apply it to, and only a resolver round (about one a second)
+/// would otherwise finish the late-prepared copy.
+fn note_decided(
+    gid: &str,
+    commit: bool,
+    peer: NodeId,
+    hub: &Hub,
+    decided: &mut BTreeSet<Gid>,
+    results: &UnboundedSender<Input>,
+) {
     if let Ok(gid) = gid.parse::<Gid>() {
         if gid.origin == peer && hub.is_open(&gid) {
             decided.insert(gid);
+            let _ = results.send(Input::Receive {
+                from: peer,
+                msg: Message::Decision { gid, commit },
+            });
         }
     }
 }
