@@ -89,6 +89,28 @@ async fn write(cluster: &DockerCluster, i: usize, sql: &str, bound: Duration) ->
     }
 }
 
+/// A commit is acknowledged once its origin committed; the peers run their
+/// COMMIT PREPARED moments later. Wait (bounded) until node `i` has `t`.
+async fn wait_table(cluster: &DockerCluster, i: usize) -> Result<()> {
+    let t0 = Instant::now();
+    loop {
+        let c = cluster.connect_pg(i).await?;
+        let r = c
+            .query_one("select to_regclass('t') is not null", &[])
+            .await?;
+        if r.get::<_, bool>(0) {
+            return Ok(());
+        }
+        if t0.elapsed() > Duration::from_secs(10) {
+            return Err(anyhow!(
+                "node {} has no table t 10 s after it committed",
+                i + 1
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The ids in `t` on node `i`'s PostgreSQL (read directly, not through mmd).
 async fn ids_on(cluster: &DockerCluster, i: usize) -> Result<Vec<i32>> {
     let c = cluster.connect_pg(i).await?;
@@ -164,6 +186,7 @@ async fn kill_and_restart(cluster: &mut DockerCluster) -> Result<()> {
     )
     .await?;
     eprintln!("create table through node 1: {t:.1?}");
+    wait_table(cluster, 1).await?;
     for id in 1..=10 {
         write(
             cluster,
