@@ -205,6 +205,20 @@ pub struct FaultRecord {
     pub first_commit_after_s: Option<f64>,
 }
 
+impl FaultRecord {
+    /// `f`, injected at `at` s and healed now (the first commit after it is
+    /// filled in from the probes at the end).
+    fn healed(f: &PlannedFault, at: f64, t0: Instant) -> FaultRecord {
+        FaultRecord {
+            kind: f.kind,
+            nodes: f.victims.iter().map(|v| v + 1).collect(),
+            at_s: round3(at),
+            healed_s: round3(t0.elapsed().as_secs_f64()),
+            first_commit_after_s: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct ChaosReport {
     pub backend: String,
@@ -347,13 +361,7 @@ pub async fn run_chaos(opts: &ChaosOptions, progress: &dyn Fn(&str)) -> Result<C
                 for &v in &f.victims {
                     down[v] = false;
                 }
-                records.push(FaultRecord {
-                    kind: f.kind,
-                    nodes: f.victims.iter().map(|v| v + 1).collect(),
-                    at_s: round3(at),
-                    healed_s: round3(t0.elapsed().as_secs_f64()),
-                    first_commit_after_s: None,
-                });
+                records.push(FaultRecord::healed(f, at, t0));
                 progress(&format!("{now:>6.1} s healed {:?}", f.kind));
                 shift = shift.max(t0.elapsed().as_secs_f64() - (f.start_s + f.length_s));
                 active = None;
@@ -385,13 +393,7 @@ pub async fn run_chaos(opts: &ChaosOptions, progress: &dyn Fn(&str)) -> Result<C
         if let Err(e) = cluster.heal(f.kind, &f.victims, &log).await {
             progress(&format!("could not heal {:?}: {e:#}", f.kind));
         }
-        records.push(FaultRecord {
-            kind: f.kind,
-            nodes: f.victims.iter().map(|v| v + 1).collect(),
-            at_s: round3(at),
-            healed_s: round3(t0.elapsed().as_secs_f64()),
-            first_commit_after_s: None,
-        });
+        records.push(FaultRecord::healed(f, at, t0));
     }
     let load_s = t0.elapsed().as_secs_f64();
     progress("load stopped; every fault healed; waiting for every node to be online");

@@ -3,29 +3,19 @@
 //! keeps committing, the victim refuses or is gone, and once it returns it
 //! catches up by itself to the same data.
 
-use mm_harness::backend::local::LocalClusterConfig;
-use mm_harness::mm_cluster::{MmCluster, MmOptions};
-use mm_harness::pg_bin::pg_or_skip;
+mod common;
+
+use common::LOG;
+use mm_harness::mm_cluster::MmCluster;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
-
-const LOG: &str = "info,mm_runtime=debug";
 
 /// One cluster at a time: three clusters under load on two cores starve
 /// each other's catch-up, which is not what these tests measure.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 async fn cluster(name: &str) -> Option<MmCluster> {
-    pg_or_skip(name)?;
-    std::env::set_var("MM_MMD_BIN", env!("CARGO_BIN_EXE_mmd"));
-    let mut cfg = LocalClusterConfig::for_tests(name, 3);
-    cfg.stop_on_signal = false;
-    let opts = MmOptions {
-        extra_config: "[timeouts]\nheartbeat_interval_ms = 100\nheartbeat_timeout_ms = 1000\n"
-            .into(),
-        log: std::env::var("MM_LOG").unwrap_or(LOG.into()),
-    };
-    let c = MmCluster::start(cfg, opts).await.expect("cluster starts");
+    let c = common::cluster(name).await?;
     let n1 = c.connect_proxy(0).await.unwrap();
     n1.batch_execute("create table kv(k int primary key, v text)")
         .await

@@ -58,7 +58,7 @@ pub async fn run_applier(
         }
         let ok = loop {
             if client.as_ref().is_none_or(|c| c.is_closed()) {
-                match connect(&settings.conninfo, &origin).await {
+                match origin_session(&settings.conninfo, &origin, false).await {
                     Ok(c) => client = Some(c),
                     Err(e) => {
                         tracing::warn!(peer, worker = k, "applier cannot connect: {e}");
@@ -87,17 +87,28 @@ pub async fn run_applier(
     }
 }
 
-async fn connect(conninfo: &str, origin: &str) -> Result<Client, String> {
+/// A session that replays remote changes: bound to replication origin
+/// `origin` (created first if `create`), as a replica (no triggers, no FK
+/// checks: they ran on the origin), allowed to write.
+pub async fn origin_session(conninfo: &str, origin: &str, create: bool) -> Result<Client, String> {
     let (client, conn) = tokio_postgres::connect(conninfo, NoTls)
         .await
         .map_err(|e| e.to_string())?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
+    let name = quote_literal(origin);
+    let create = if create {
+        format!(
+            "SELECT pg_replication_origin_create({name}) \
+             WHERE NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = {name}); "
+        )
+    } else {
+        String::new()
+    };
     let setup = format!(
         "SET session_replication_role = replica; SET default_transaction_read_only = off; \
-         SELECT pg_replication_origin_session_setup({})",
-        quote_literal(origin)
+         {create}SELECT pg_replication_origin_session_setup({name})"
     );
     client
         .simple_query(&setup)

@@ -8,12 +8,12 @@
 //! `mm.applied_tx` record every apply writes, or a prepared copy). This is
 //! what a catch-up mark waits for before the core goes `online`.
 
-use super::applier::{check_row_counts, pg_message, replay_body};
+use super::applier::{check_row_counts, origin_session, pg_message, replay_body};
 use super::hub::Hub;
 use super::remote_tx::RemoteTx;
 use super::sql::quote_literal;
 use mm_core::NodeId;
-use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+use tokio_postgres::{Client, SimpleQueryMessage};
 
 /// A replay waits this long for a row lock before the stream retries it.
 const REPLAY_LOCK_TIMEOUT_MS: u64 = 5_000;
@@ -51,7 +51,9 @@ impl Replayer {
             return Ok(false); // being applied or prepared here by the core's order
         }
         if self.client.as_ref().is_none_or(|c| c.is_closed()) {
-            self.client = Some(self.connect().await?);
+            // The origin is created here: replays are rare, and `mmctl init`
+            // of an existing cluster did not create it.
+            self.client = Some(origin_session(&self.conninfo, &self.origin, true).await?);
         }
         let c = self.client.as_ref().expect("connected above");
         let gid = quote_literal(&tx.gid.to_string());
@@ -93,26 +95,5 @@ impl Replayer {
             .await
             .map_err(|e| format!("committing replayed {}: {}", tx.gid, pg_message(&e)))?;
         Ok(true)
-    }
-
-    async fn connect(&self) -> Result<Client, String> {
-        let (client, conn) = tokio_postgres::connect(&self.conninfo, NoTls)
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        let origin = quote_literal(&self.origin);
-        let setup = format!(
-            "SET session_replication_role = replica; SET default_transaction_read_only = off; \
-             SELECT pg_replication_origin_create({origin}) \
-               WHERE NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = {origin}); \
-             SELECT pg_replication_origin_session_setup({origin})"
-        );
-        client
-            .simple_query(&setup)
-            .await
-            .map_err(|e| format!("binding to origin {}: {}", self.origin, pg_message(&e)))?;
-        Ok(client)
     }
 }
