@@ -2,27 +2,30 @@
 //! node reaches all, writes on any node commit everywhere, a crossing
 //! conflict aborts with 40001 and leaves nothing prepared.
 
+mod common;
+
+use common::cluster;
 use mm_harness::backend::local::LocalClusterConfig;
-use mm_harness::mm_cluster::{MmCluster, MmOptions};
+use mm_harness::mm_cluster::MmCluster;
 use mm_harness::pg_bin::pg_or_skip;
 use std::time::Duration;
-
-async fn cluster(name: &str) -> Option<MmCluster> {
-    pg_or_skip(name)?;
-    std::env::set_var("MM_MMD_BIN", env!("CARGO_BIN_EXE_mmd"));
-    let mut cfg = LocalClusterConfig::for_tests(name, 3);
-    cfg.stop_on_signal = false;
-    let opts = MmOptions {
-        extra_config: "[timeouts]\nheartbeat_interval_ms = 100\nheartbeat_timeout_ms = 1000\n"
-            .into(),
-        log: std::env::var("MM_LOG").unwrap_or("info,mm_runtime=debug".into()),
-    };
-    Some(MmCluster::start(cfg, opts).await.expect("cluster starts"))
-}
 
 async fn count_on(c: &MmCluster, i: usize, sql: &str) -> i64 {
     let db = c.pg.connect(i).await.unwrap();
     db.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+/// `count_on` once it gives `want`, or its value after 5 s: a commit is
+/// acknowledged when its origin committed, and peers finish it moments later.
+async fn count_settled(c: &MmCluster, i: usize, sql: &str, want: i64) -> i64 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let n = count_on(c, i, sql).await;
+        if n == want || std::time::Instant::now() > deadline {
+            return n;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -48,17 +51,17 @@ async fn writes_anywhere_commit_everywhere() {
     }
     for i in 0..3 {
         assert_eq!(
-            count_on(&c, i, "select count(*) from kv").await,
+            count_settled(&c, i, "select count(*) from kv", 30).await,
             30,
             "node {}",
             i + 1
         );
         assert_eq!(
-            count_on(&c, i, "select count(*) from kv where v = 'y'").await,
+            count_settled(&c, i, "select count(*) from kv where v = 'y'", 5).await,
             5
         );
         assert_eq!(
-            count_on(&c, i, "select count(*) from pg_prepared_xacts").await,
+            count_settled(&c, i, "select count(*) from pg_prepared_xacts", 0).await,
             0
         );
     }
@@ -100,9 +103,9 @@ async fn writes_anywhere_commit_everywhere() {
         p.execute("insert into s(v) values (1)", &[]).await.unwrap();
     }
     for i in 0..3 {
-        assert_eq!(count_on(&c, i, "select count(*) from s").await, 6);
+        assert_eq!(count_settled(&c, i, "select count(*) from s", 6).await, 6);
         assert_eq!(
-            count_on(&c, i, "select count(distinct id) from s").await,
+            count_settled(&c, i, "select count(distinct id) from s", 6).await,
             6,
             "sequence values collided"
         );
