@@ -121,6 +121,25 @@ impl Hub {
             && !i.applied.contains(gid)
             && !i.missed.contains_key(gid)
     }
+    /// Where `gid` is, for logs.
+    pub fn describe(&self, gid: &Gid, echo: bool, to_replay: bool) -> &'static str {
+        let i = self.lock();
+        if echo {
+            "an echo whose end the stream has not shown"
+        } else if to_replay {
+            "committed, queued for replay"
+        } else if i.remote.contains_key(gid) {
+            "waiting for the core's verdict"
+        } else if i.applying.contains(gid) {
+            "being applied"
+        } else if i.applied.contains(gid) {
+            "prepared here, waiting for its decision"
+        } else if i.missed.contains_key(gid) {
+            "left unapplied, waiting for its end in the stream"
+        } else {
+            "settled"
+        }
+    }
     /// Being applied or prepared here (not finished).
     pub fn is_open(&self, gid: &Gid) -> bool {
         let i = self.lock();

@@ -74,6 +74,9 @@ struct Building {
 struct Mark {
     at: Lsn,
     upto_gen: Option<u64>,
+    /// When it arrived, and when we last said what holds it.
+    since: tokio::time::Instant,
+    told: tokio::time::Instant,
 }
 
 async fn stream_once(
@@ -101,6 +104,8 @@ async fn stream_once(
     let mut marks: Vec<Mark> = Vec::new();
     // Echoes this node may lack, until the stream shows their end.
     let mut echoes: BTreeMap<Gid, Vec<Change>> = BTreeMap::new();
+    // The echoes among `inflight`.
+    let mut echo_gids: BTreeSet<Gid> = BTreeSet::new();
     // Committed transactions this node may lack, in this stream's commit
     // order. Replayed only when this peer's catch-up mark arrives: the
     // donor's commit order is a serial order of all of them, while two
@@ -128,16 +133,48 @@ async fn stream_once(
                     tracing::warn!(peer = s.peer, "a catch-up missed transactions of this stream; replayed them late");
                 }
                 let pending: BTreeSet<Gid> = to_replay.iter().map(|t| t.gid).collect();
+                // An echo is settled here once this stream showed its end
+                // and replayed it if it committed; the origin's own copy of it
+                // (left unapplied by the core) waits for the origin's stream,
+                // which is down whenever the origin is: a catch-up from this
+                // donor must not wait for that.
                 inflight.retain(|_, g| {
-                    echoes.contains_key(g) || pending.contains(g) || !hub.is_settled(g)
+                    let keep = if echo_gids.contains(g) {
+                        echoes.contains_key(g) || pending.contains(g)
+                    } else {
+                        pending.contains(g) || !hub.is_settled(g)
+                    };
+                    if !keep {
+                        echo_gids.remove(g);
+                    }
+                    keep
                 });
                 decided.retain(|g| hub.is_open(g));
-                marks.retain(|m| {
-                    let done = inflight.range(..m.at).next().is_none();
-                    if done {
-                        let _ = results.send(Input::CatchupApplied { donor: s.peer, upto_gen: m.upto_gen });
+                marks.retain_mut(|m| {
+                    let first = inflight.range(..m.at).next().map(|(_, g)| *g);
+                    match first {
+                        None => {
+                            let _ = results.send(Input::CatchupApplied { donor: s.peer, upto_gen: m.upto_gen });
+                            false
+                        }
+                        Some(g) => {
+                            // An operator's first question when a node stays
+                            // out of `online`: what is it waiting for?
+                            if m.told.elapsed() >= Duration::from_secs(2) {
+                                m.told = tokio::time::Instant::now();
+                                tracing::info!(
+                                    peer = s.peer,
+                                    upto_gen = ?m.upto_gen,
+                                    waiting_s = m.since.elapsed().as_secs(),
+                                    unsettled = inflight.range(..m.at).count(),
+                                    first = %g,
+                                    state = hub.describe(&g, echoes.contains_key(&g), pending.contains(&g)),
+                                    "catch-up mark waits for transactions before it to settle"
+                                );
+                            }
+                            true
+                        }
                     }
-                    !done
                 });
                 let safe = match inflight.keys().next() {
                     Some(first) => *first,
@@ -268,6 +305,7 @@ async fn stream_once(
                     let missed = gid.origin != s.me && gid.gen > hub.last_online_gen();
                     if missed && c.user_rows && c.bad.is_none() {
                         echoes.insert(gid, c.changes);
+                        echo_gids.insert(gid);
                         inflight.insert(p.prepare_lsn, gid);
                     }
                     continue;
@@ -439,7 +477,13 @@ fn parse_mark(content: &[u8], me: NodeId, at: Lsn) -> Option<Mark> {
     } else {
         Some(upto.parse().ok()?)
     };
-    Some(Mark { at, upto_gen })
+    let now = tokio::time::Instant::now();
+    Some(Mark {
+        at,
+        upto_gen,
+        since: now,
+        told: now,
+    })
 }
 
 /// A conninfo without its password, for logs.
