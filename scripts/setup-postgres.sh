@@ -50,6 +50,13 @@ if ! have_server || ! have_pgbench; then
     apt-get install -y -qq "${pkgs[@]}"
 fi
 
+# The local backend cuts single links with iptables (harness/src/backend/linkcut.rs).
+if [ "$(id -u)" = 0 ] && ! command -v iptables >/dev/null 2>&1; then
+    echo "setup-postgres: apt-get install -y iptables (link cuts on the local backend)"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iptables
+fi
+
 if ! have_server; then
     echo "setup-postgres: $PG_BIN/postgres still missing after install" >&2
     exit 1

@@ -44,6 +44,9 @@ pub struct ChaosOptions {
     pub clients: u32,
     pub work_dir: Option<std::path::PathBuf>,
     pub backend: Backend,
+    /// Local backend: cut single links too (each node in a cgroup of its
+    /// own, iptables; needs root). Docker always can.
+    pub link_cuts: bool,
 }
 
 /// Where the nodes run.
@@ -83,6 +86,7 @@ impl Default for ChaosOptions {
             clients: 4,
             work_dir: None,
             backend: Backend::Local,
+            link_cuts: false,
         }
     }
 }
@@ -106,7 +110,9 @@ pub enum FaultKind {
     KillNode,
     /// Docker: the container leaves the cluster network; back at heal.
     Disconnect,
-    /// Docker: the link between two nodes dropped by iptables in both.
+    /// The link between two nodes dropped both ways (Docker: iptables in
+    /// both containers; local: iptables matching each node's cgroup, see
+    /// `backend::linkcut`); restored at heal.
     CutLink,
 }
 
@@ -126,10 +132,11 @@ const DOCKER_KINDS: [FaultKind; 5] = [
     FaultKind::CutLink,
 ];
 
-fn kinds(backend: Backend) -> &'static [FaultKind] {
+fn kinds(backend: Backend, link_cuts: bool) -> Vec<FaultKind> {
     match backend {
-        Backend::Local => &LOCAL_KINDS,
-        Backend::Docker => &DOCKER_KINDS,
+        Backend::Local if link_cuts => [&LOCAL_KINDS[..], &[FaultKind::CutLink]].concat(),
+        Backend::Local => LOCAL_KINDS.to_vec(),
+        Backend::Docker => DOCKER_KINDS.to_vec(),
     }
 }
 
@@ -151,8 +158,9 @@ pub fn schedule(
     nodes: usize,
     duration: Duration,
     backend: Backend,
+    link_cuts: bool,
 ) -> Vec<PlannedFault> {
-    let kinds = kinds(backend);
+    let kinds = kinds(backend, link_cuts);
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let end = duration.as_secs_f64() - 2.0;
     let mut t = 3.0;
@@ -254,7 +262,13 @@ pub async fn run_chaos(opts: &ChaosOptions, progress: &dyn Fn(&str)) -> Result<C
     if opts.nodes < 3 {
         bail!("chaos needs at least 3 nodes (a fault must leave a majority)");
     }
-    let plan = schedule(opts.seed, opts.nodes, opts.duration, opts.backend);
+    let plan = schedule(
+        opts.seed,
+        opts.nodes,
+        opts.duration,
+        opts.backend,
+        opts.link_cuts,
+    );
     progress(&format!(
         "seed {}: {} faults planned over {:?}",
         opts.seed,
@@ -503,11 +517,16 @@ pub async fn run_chaos(opts: &ChaosOptions, progress: &dyn Fn(&str)) -> Result<C
         online_after_heal_s: online_after_heal_s.map(round3),
         mmd_restarts: restarts,
         repro: format!(
-            "mm-harness chaos --backend {} --nodes {} --duration {}s --seed {}",
+            "mm-harness chaos --backend {} --nodes {} --duration {}s --seed {}{}",
             opts.backend.name(),
             opts.nodes,
             opts.duration.as_secs(),
-            opts.seed
+            opts.seed,
+            if opts.backend == Backend::Local && !opts.link_cuts {
+                " --no-link-cuts"
+            } else {
+                ""
+            }
         ),
     };
     cluster.stop().await;
@@ -527,6 +546,7 @@ impl Target {
                 let mut pg_cfg = LocalClusterConfig::for_tests("chaos", opts.nodes);
                 pg_cfg.work_dir = opts.work_dir.clone();
                 pg_cfg.stop_on_signal = true;
+                pg_cfg.link_cuts = opts.link_cuts;
                 let c = MmCluster::start(pg_cfg, MmOptions::default()).await?;
                 progress(&format!(
                     "cluster online; work dir {}",
@@ -604,6 +624,9 @@ impl Target {
     async fn inject(&mut self, kind: FaultKind, victims: &[usize]) -> Result<()> {
         match self {
             Target::Local(c) => {
+                if kind == FaultKind::CutLink {
+                    return c.cut_link(victims[0], victims[1]);
+                }
                 for &v in victims {
                     match kind {
                         FaultKind::KillMmd => c.kill_mmd(v),
@@ -642,6 +665,9 @@ impl Target {
     async fn heal(&mut self, kind: FaultKind, victims: &[usize], log: &str) -> Result<()> {
         match self {
             Target::Local(c) => {
+                if kind == FaultKind::CutLink {
+                    return c.heal_link(victims[0], victims[1]);
+                }
                 for &v in victims {
                     match kind {
                         FaultKind::KillMmd => c.start_mmd(v, log)?,
@@ -897,8 +923,8 @@ mod tests {
 
     #[test]
     fn a_seed_gives_one_schedule_of_minority_faults() {
-        let a = schedule(7, 5, Duration::from_secs(120), Backend::Local);
-        let b = schedule(7, 5, Duration::from_secs(120), Backend::Local);
+        let a = schedule(7, 5, Duration::from_secs(120), Backend::Local, true);
+        let b = schedule(7, 5, Duration::from_secs(120), Backend::Local, true);
         assert_eq!(format!("{a:?}"), format!("{b:?}"));
         assert!(a.len() > 5);
         for f in &a {
@@ -909,11 +935,13 @@ mod tests {
             format!("{a:?}"),
             format!(
                 "{:?}",
-                schedule(8, 5, Duration::from_secs(120), Backend::Local)
+                schedule(8, 5, Duration::from_secs(120), Backend::Local, true)
             )
         );
-        assert!(schedule(1, 3, Duration::from_secs(60), Backend::Local)
-            .iter()
-            .all(|f| f.victims.len() == 1));
+        assert!(
+            schedule(1, 3, Duration::from_secs(60), Backend::Local, false)
+                .iter()
+                .all(|f| f.victims.len() == 1)
+        );
     }
 }

@@ -79,6 +79,11 @@ enum Cmd {
         /// Print the report as one JSON object on the last line.
         #[arg(long)]
         json: bool,
+        /// Local backend: leave single-link cuts out of the schedule. They
+        /// need root (a cgroup per node and iptables); without root they are
+        /// left out anyway.
+        #[arg(long)]
+        no_link_cuts: bool,
     },
     /// Start N plain PostgreSQL 15 nodes on 127.0.0.1 and wait for Ctrl-C.
     PgUp {
@@ -177,7 +182,12 @@ async fn main() -> ExitCode {
             clients,
             workdir,
             json,
+            no_link_cuts,
         } => {
+            let root = unsafe { libc::geteuid() } == 0;
+            if backend == mm_harness::chaos::Backend::Local && !no_link_cuts && !root {
+                eprintln!("chaos: not root: single-link cuts are left out of the schedule");
+            }
             let opts = mm_harness::chaos::ChaosOptions {
                 nodes,
                 duration,
@@ -185,6 +195,7 @@ async fn main() -> ExitCode {
                 clients,
                 work_dir: workdir,
                 backend,
+                link_cuts: !no_link_cuts && root,
             };
             chaos(opts, json).await
         }

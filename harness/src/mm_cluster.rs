@@ -93,11 +93,17 @@ impl MmCluster {
     pub async fn start(pg_cfg: LocalClusterConfig, opts: MmOptions) -> Result<MmCluster> {
         let mmd = find_mmd()?;
         let dbname = pg_cfg.dbname.clone();
-        let pg = LocalCluster::start(pg_cfg).await?;
+        let mut pg = LocalCluster::start(pg_cfg).await?;
         let n = pg.nodes().len();
         let mut ports = Vec::new();
         for _ in 0..n {
             ports.push((free_port()?, free_port()?));
+        }
+        // Nodes reach each other at their PostgreSQL (data plane) and their
+        // mmd's mesh port.
+        let listen: Vec<Vec<u16>> = (0..n).map(|i| vec![pg.node(i).port, ports[i].1]).collect();
+        if let Some(cuts) = pg.link_cuts_mut() {
+            cuts.mark_links(&listen)?;
         }
         let mut nodes_toml = String::new();
         for (i, node) in pg.nodes().iter().enumerate() {
@@ -181,6 +187,9 @@ impl MmCluster {
                 Ok(())
             });
         }
+        if let Some(cuts) = self.pg.link_cuts() {
+            cuts.place(i, &mut cmd);
+        }
         let child = cmd
             .arg("--config")
             .arg(&node.config_path)
@@ -192,6 +201,23 @@ impl MmCluster {
             .with_context(|| format!("starting {}", self.mmd.display()))?;
         node.child = Some(child);
         Ok(())
+    }
+
+    /// Drops every packet between nodes `a` and `b` (0-based), both ways;
+    /// the cluster must have been started with `link_cuts`.
+    pub fn cut_link(&mut self, a: usize, b: usize) -> Result<()> {
+        self.pg
+            .link_cuts_mut()
+            .ok_or_else(|| anyhow!("this cluster was started without link cuts"))?
+            .cut(a, b)
+    }
+
+    /// Lets the packets between `a` and `b` through again.
+    pub fn heal_link(&mut self, a: usize, b: usize) -> Result<()> {
+        match self.pg.link_cuts_mut() {
+            Some(c) => c.heal(a, b),
+            None => Ok(()),
+        }
     }
 
     /// Stop node `i`'s mmd with SIGKILL.

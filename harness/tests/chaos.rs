@@ -27,6 +27,8 @@ async fn short_chaos_run_ends_consistent() {
         seed,
         clients: 2,
         backend: Backend::Local,
+        // Link cuts need root (cgroups, iptables); CI runs as root.
+        link_cuts: unsafe { libc::geteuid() } == 0,
         work_dir: Some(mm_harness::backend::local::default_work_root().join("chaos_test")),
     };
     let r = run_chaos(&opts, &|s| eprintln!("chaos: {s}"))

@@ -21,6 +21,7 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use super::linkcut::LinkCuts;
 use crate::pg_bin::{run_checked, PgBin, RunAs};
 use crate::pg_conf::{NodeSettings, Requirements};
 use crate::procs;
@@ -49,6 +50,9 @@ pub struct LocalClusterConfig {
     pub stop_on_signal: bool,
     /// Database the connection strings name; created unless it is `postgres`.
     pub dbname: String,
+    /// Run each node in a cgroup of its own so links between nodes can be
+    /// cut ([`LinkCuts`]); needs root and iptables.
+    pub link_cuts: bool,
 }
 
 impl LocalClusterConfig {
@@ -63,6 +67,7 @@ impl LocalClusterConfig {
             extra_settings: Vec::new(),
             stop_on_signal: true,
             dbname: "postgres".into(),
+            link_cuts: false,
         }
     }
 
@@ -152,6 +157,7 @@ pub struct LocalCluster {
     req: Requirements,
     extra: Vec<(String, String)>,
     nodes: Vec<LocalNode>,
+    cuts: Option<LinkCuts>,
 }
 
 impl LocalCluster {
@@ -185,6 +191,11 @@ impl LocalCluster {
             },
             extra: cfg.extra_settings.clone(),
             nodes: Vec::new(),
+            cuts: if cfg.link_cuts {
+                Some(LinkCuts::new(cfg.nodes)?)
+            } else {
+                None
+            },
         };
         for (i, port) in ports.into_iter().enumerate() {
             let dir = work_dir.join(format!("node{}", i + 1));
@@ -462,7 +473,18 @@ impl LocalCluster {
             .arg(&node.log_file)
             .args(["-w", "-t", "60"])
             .current_dir(&node.dir);
+        if let Some(cuts) = &self.cuts {
+            cuts.place(i, &mut cmd);
+        }
         cmd
+    }
+
+    /// The link cutter, when the cluster was started with `link_cuts`.
+    pub fn link_cuts(&self) -> Option<&LinkCuts> {
+        self.cuts.as_ref()
+    }
+    pub fn link_cuts_mut(&mut self) -> Option<&mut LinkCuts> {
+        self.cuts.as_mut()
     }
 
     async fn start_node_on_new_port(&mut self, i: usize) -> Result<()> {

@@ -9,11 +9,19 @@ use mm_harness::pg_bin::pg_or_skip;
 pub const LOG: &str = "info,mm_runtime=debug";
 
 /// `None` (the test skips, saying why) when PostgreSQL 15 is missing.
+#[allow(dead_code)] // each test crate compiles this module; not all use it
 pub async fn cluster(name: &str) -> Option<MmCluster> {
+    cluster_with(name, false).await
+}
+
+/// Like [`cluster`]; with `link_cuts`, each node runs in a cgroup of its
+/// own so a link can be cut (needs root).
+pub async fn cluster_with(name: &str, link_cuts: bool) -> Option<MmCluster> {
     pg_or_skip(name)?;
     std::env::set_var("MM_MMD_BIN", env!("CARGO_BIN_EXE_mmd"));
     let mut cfg = LocalClusterConfig::for_tests(name, 3);
     cfg.stop_on_signal = false;
+    cfg.link_cuts = link_cuts;
     let opts = MmOptions {
         extra_config: "[timeouts]\nheartbeat_interval_ms = 100\nheartbeat_timeout_ms = 1000\n"
             .into(),
