@@ -5,8 +5,8 @@
 //! transaction from stalling a peer's stream), runs with
 //! `session_replication_role = replica` (triggers and FK checks already ran
 //! on the origin, as in PostgreSQL's own apply worker), and waits for row
-//! locks at most `lock_timeout`: a waiting applier votes no, which is how
-//! two nodes' crossing writes end instead of deadlocking.
+//! locks a bounded time (see [`lock_wait_ms`]): a waiting applier votes
+//! no, which is how two nodes' crossing writes end instead of deadlocking.
 
 use super::hub::Hub;
 use super::remote_tx::{Change, RemoteTx, Stmt};
@@ -126,7 +126,8 @@ pub fn pg_message(e: &tokio_postgres::Error) -> String {
 }
 
 async fn apply(c: &Client, tx: &RemoteTx, s: &ApplierSettings) -> Result<(), String> {
-    let (body, stmts) = replay_body(tx, s.lock_timeout_ms, s.nodes, s.node_id)?;
+    let wait = lock_wait_ms(s.lock_timeout_ms, tx.gid.origin, s.node_id);
+    let (body, stmts) = replay_body(tx, wait, s.nodes, s.node_id)?;
     // PREPARE in the same round trip; if a row count then shows this node
     // lacks a row, undo the prepared copy and vote no.
     let gid = quote_literal(&tx.gid.to_string());
@@ -137,6 +138,21 @@ async fn apply(c: &Client, tx: &RemoteTx, s: &ApplierSettings) -> Result<(), Str
         return Err(e);
     }
     Ok(())
+}
+
+/// How long an applier here waits for a row lock held by a transaction of
+/// this node. Two nodes' crossing writes each wait for the other's lock; with
+/// one timeout both would vote no and both abort, again and again on a hot
+/// row. So the lower node id wins: a transaction from a lower id than ours
+/// waits twice the timeout (ours gives way: the other node votes no on it
+/// quickly), one from a higher id waits a tenth. The two nodes of a
+/// crossing pair always pick opposite sides, and one of the two commits.
+pub fn lock_wait_ms(lock_timeout_ms: u64, origin: NodeId, me: NodeId) -> u64 {
+    if origin < me {
+        lock_timeout_ms.saturating_mul(2)
+    } else {
+        (lock_timeout_ms / 10).max(20)
+    }
 }
 
 /// `BEGIN`, the transaction's statements and the `mm.applied_tx` record,
@@ -202,4 +218,20 @@ fn record_applied(gid: Gid) -> String {
         quote_literal(&gid.to_string()),
         gid.gen
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lock_wait_ms;
+
+    #[test]
+    fn the_two_ends_of_a_crossing_pair_wait_differently() {
+        for (a, b) in [(1, 2), (2, 3), (1, 3)] {
+            // Node b applying a's transaction waits long; node a applying b's gives way.
+            assert!(lock_wait_ms(500, a, b) > lock_wait_ms(500, b, a));
+        }
+        assert_eq!(lock_wait_ms(500, 1, 2), 1000);
+        assert_eq!(lock_wait_ms(500, 3, 2), 50);
+        assert_eq!(lock_wait_ms(50, 3, 2), 20);
+    }
 }
