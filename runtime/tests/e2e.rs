@@ -468,8 +468,43 @@ async fn unreachable_peers_leave_a_node_isolated_and_refusing() {
         .await
         .err()
         .expect("an isolated node refuses clients");
+    // An administrator's bypass session opens and reads; its writes are
+    // refused at COMMIT, since the node is not online.
+    let (admin, conn) = tokio_postgres::connect(
+        &format!("{conninfo} options='-c mm.admin_bypass=on'"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .expect("a bypass session opens on an isolated node");
+    tokio::spawn(conn);
+    let status: String = admin
+        .query_one("select status from mtm.status()", &[])
+        .await
+        .expect("a bypass session reads")
+        .get(0);
+    assert_eq!(status, "isolated");
+    admin
+        .batch_execute("create table if not exists bypass_t(k int primary key)")
+        .await
+        .expect_err("DDL through a bypass session on an isolated node is refused");
+    let werr = admin
+        .execute("insert into mm.applied_tx values ('bypass-probe', 0)", &[])
+        .await
+        .expect_err("a write through a bypass session on an isolated node is refused");
     let _ = child.kill();
     let _ = child.wait();
+    let wdb = werr.as_db_error().expect("a server error");
+    assert_eq!(wdb.code().code(), "57P03", "{wdb:?}");
+    let direct = pg.connect(0).await.unwrap();
+    let n: i64 = direct
+        .query_one(
+            "select count(*) from mm.applied_tx where gid = 'bypass-probe'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0, "the refused write left nothing");
     let db = err
         .as_db_error()
         .expect("a server error, not a dropped connection");

@@ -101,6 +101,9 @@ struct Session {
     had_ddl: bool,
     /// An ErrorResponse went to the client since this was last cleared.
     saw_error: bool,
+    /// An administrator's session (`-c mm.admin_bypass=on`): it stays open
+    /// on a node that is not online, to look at it.
+    bypass: bool,
 }
 
 /// Serve one client connection to the end.
@@ -111,7 +114,7 @@ pub async fn run(sock: TcpStream, ctx: Arc<ProxyContext>, id: ClientId) {
     let mut client_r: FrameReader<BoxRead> = FrameReader::new(Box::new(r));
     let mut client_w: FrameWriter<BoxWrite> = FrameWriter::new(Box::new(w));
     match startup(&mut client_r, &mut client_w, &ctx).await {
-        Ok(Some((backend_r, backend_w))) => {
+        Ok(Some((backend_r, backend_w, bypass))) => {
             let mut s = Session {
                 id,
                 ctx,
@@ -128,6 +131,7 @@ pub async fn run(sock: TcpStream, ctx: Arc<ProxyContext>, id: ClientId) {
                 batch_execs: Vec::new(),
                 had_ddl: false,
                 saw_error: false,
+                bypass,
             };
             match s.serve().await {
                 Ok(()) => tracing::debug!(?peer, "client session ended"),
@@ -160,7 +164,7 @@ async fn startup(
     client_r: &mut FrameReader<BoxRead>,
     client_w: &mut FrameWriter<BoxWrite>,
     ctx: &Arc<ProxyContext>,
-) -> Result<Option<(FrameReader<BoxRead>, FrameWriter<BoxWrite>)>, SessionError> {
+) -> Result<Option<(FrameReader<BoxRead>, FrameWriter<BoxWrite>, bool)>, SessionError> {
     let packet = loop {
         let Some(p) = client_r
             .next_untagged()
@@ -206,7 +210,18 @@ async fn startup(
         return Ok(None);
     }
     let status = ctx.status.borrow().status;
-    if status != NodeStatus::Online {
+    let bypass = st
+        .parameters
+        .get("options")
+        .is_some_and(|o| asks_for_bypass(o));
+    if bypass {
+        tracing::info!(
+            status = status_name(status),
+            user = st.parameters.get("user").map(String::as_str).unwrap_or(""),
+            "admin bypass session"
+        );
+    }
+    if status != NodeStatus::Online && !bypass {
         client_w.push(&fatal(
             CANNOT_CONNECT_NOW,
             &format!(
@@ -262,11 +277,39 @@ async fn startup(
             }
             b'Z' => {
                 client_w.flush().await.map_err(SessionError::Client)?;
-                return Ok(Some((backend_r, backend_w)));
+                return Ok(Some((backend_r, backend_w, bypass)));
             }
             _ => {}
         }
     }
+}
+
+/// `-c mm.admin_bypass=on` (or `--mm.admin_bypass=on`) among the startup
+/// options. The session then opens, and stays open, whatever the node's
+/// status, so an administrator can look at a node that is cut off or
+/// catching up. It can read what this node holds, which may be stale; its
+/// writes still go through the cluster, so on a node that is not online
+/// they are refused at COMMIT (57P03) and nothing diverges.
+fn asks_for_bypass(options: &str) -> bool {
+    let mut words = options.split_whitespace();
+    while let Some(w) = words.next() {
+        let setting = match w {
+            "-c" => words.next().unwrap_or(""),
+            w => w
+                .strip_prefix("--")
+                .or_else(|| w.strip_prefix("-c"))
+                .unwrap_or(""),
+        };
+        if let Some((name, value)) = setting.split_once('=') {
+            if name == "mm.admin_bypass" {
+                return matches!(
+                    value.to_ascii_lowercase().as_str(),
+                    "on" | "true" | "1" | "yes"
+                );
+            }
+        }
+    }
+    false
 }
 
 pub fn status_name(s: NodeStatus) -> &'static str {
@@ -356,7 +399,7 @@ impl Session {
         // A node that left `online` (cut off, or its generation moved on
         // without it) may lack committed transactions: its sessions end
         // rather than read or write a stale copy.
-        if matches!(f.tag, b'Q' | b'H' | b'S') {
+        if matches!(f.tag, b'Q' | b'H' | b'S') && !self.bypass {
             let status = self.ctx.status.borrow().status;
             if status != NodeStatus::Online {
                 self.client_w.push(&fatal(
@@ -982,4 +1025,20 @@ fn first_column(body: &[u8]) -> Option<String> {
     }
     body.get(6..6 + len as usize)
         .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::asks_for_bypass;
+
+    #[test]
+    fn bypass_is_asked_for_in_the_startup_options() {
+        assert!(asks_for_bypass("-c mm.admin_bypass=on"));
+        assert!(asks_for_bypass("-c search_path=x -cmm.admin_bypass=true"));
+        assert!(asks_for_bypass("--mm.admin_bypass=ON"));
+        assert!(!asks_for_bypass("-c mm.admin_bypass=off"));
+        assert!(!asks_for_bypass("-c mm.admin_bypassing=on"));
+        assert!(!asks_for_bypass("-c search_path=mm.admin_bypass=on"));
+        assert!(!asks_for_bypass(""));
+    }
 }
