@@ -1,11 +1,15 @@
-//! Named scenarios from multimaster's own suites, on a local 3-node mm
-//! cluster: crossing updates on two nodes (deadlock), hot-key upserts from
-//! every node, and bank readers while a node is killed and comes back.
+//! Named scenarios from multimaster's own suites, each on a 3-node mm
+//! cluster of both backends (local processes, Docker containers): crossing
+//! updates on two nodes (deadlock), hot-key upserts from every node, and
+//! bank readers while a node is killed and comes back.
 //!
-//! Skips (prints why, passes) when PostgreSQL 15 is not installed, unless
-//! `MM_REQUIRE_PG` is set. Needs the `mmd` binary of the same profile
-//! (`cargo test --workspace` builds it) or `MM_MMD_BIN`.
+//! The local tests skip (print why, pass) when PostgreSQL 15 is not
+//! installed, unless `MM_REQUIRE_PG` is set, and need the `mmd` binary of
+//! the same profile (`cargo test --workspace` builds it) or `MM_MMD_BIN`.
+//! The Docker tests skip without Docker or the image `mm-node:dev`
+//! (`scripts/build-image.sh`), unless `MM_REQUIRE_DOCKER=1`.
 
+use mm_harness::backend::docker::{self, DockerCluster, DockerClusterConfig};
 use mm_harness::backend::local::LocalClusterConfig;
 use mm_harness::mm_cluster::{find_mmd, MmCluster, MmOptions};
 use mm_harness::pg_bin::pg_or_skip;
@@ -17,26 +21,108 @@ static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(())
 
 const LOG: &str = "info";
 
-async fn cluster(name: &str) -> Option<MmCluster> {
-    pg_or_skip(name)?;
-    find_mmd().expect("this test runs mmd: `cargo build --workspace --bins` first");
-    let mut cfg = LocalClusterConfig::for_tests(name, 3);
-    cfg.stop_on_signal = false;
-    let opts = MmOptions {
-        extra_config: "[timeouts]\nheartbeat_interval_ms = 100\nheartbeat_timeout_ms = 1000\n"
-            .into(),
-        log: std::env::var("MM_LOG").unwrap_or(LOG.into()),
-    };
-    Some(MmCluster::start(cfg, opts).await.expect("cluster starts"))
+/// The cluster under test, on either backend.
+enum Cluster {
+    Local(MmCluster),
+    Docker(DockerCluster),
+}
+
+impl Cluster {
+    /// A local cluster, or `None` (the test skips, saying why) without
+    /// PostgreSQL 15.
+    async fn local(name: &str) -> Option<Cluster> {
+        pg_or_skip(name)?;
+        find_mmd().expect("this test runs mmd: `cargo build --workspace --bins` first");
+        let mut cfg = LocalClusterConfig::for_tests(name, 3);
+        cfg.stop_on_signal = false;
+        let opts = MmOptions {
+            extra_config: "[timeouts]\nheartbeat_interval_ms = 100\nheartbeat_timeout_ms = 1000\n"
+                .into(),
+            log: std::env::var("MM_LOG").unwrap_or(LOG.into()),
+        };
+        Some(Cluster::Local(
+            MmCluster::start(cfg, opts).await.expect("cluster starts"),
+        ))
+    }
+
+    /// A Docker cluster of the image `scripts/build-image.sh` builds, or
+    /// `None` (the test skips, saying why) without Docker or the image,
+    /// unless `MM_REQUIRE_DOCKER=1`.
+    async fn docker(name: &str) -> Option<Cluster> {
+        let cfg = DockerClusterConfig::for_tests(3);
+        if let Err(e) = docker::available(&cfg.image).await {
+            if std::env::var("MM_REQUIRE_DOCKER").is_ok_and(|v| v == "1") {
+                panic!("MM_REQUIRE_DOCKER=1 but Docker cannot run {name}: {e:#}");
+            }
+            eprintln!("SKIPPED {name}: {e:#} (set MM_REQUIRE_DOCKER=1 to make this a failure)");
+            return None;
+        }
+        Some(Cluster::Docker(
+            DockerCluster::start(cfg).await.expect("cluster starts"),
+        ))
+    }
+
+    /// Node `i`'s mmd (clients connect here).
+    fn proxy(&self, i: usize) -> String {
+        match self {
+            Cluster::Local(c) => c.nodes[i].client_conninfo(c.dbname()),
+            Cluster::Docker(c) => c.client_conninfo(i).unwrap(),
+        }
+    }
+
+    /// Node `i`'s PostgreSQL, directly (for the checks).
+    async fn direct(&self, i: usize) -> tokio_postgres::Client {
+        match self {
+            Cluster::Local(c) => c.pg.connect(i).await.unwrap(),
+            Cluster::Docker(c) => c.connect_pg(i).await.unwrap(),
+        }
+    }
+
+    async fn connect_proxy(&self, i: usize) -> tokio_postgres::Client {
+        let (cl, conn) = tokio_postgres::connect(&self.proxy(i), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        cl
+    }
+
+    /// The whole of node `i` dies at once: `kill -9` of its PostgreSQL
+    /// (its mmd stops itself), or `docker kill` of its container.
+    async fn kill_node(&mut self, i: usize) {
+        match self {
+            Cluster::Local(c) => c.pg.kill9(i).unwrap(),
+            Cluster::Docker(c) => c.kill(i).await.unwrap(),
+        }
+    }
+
+    /// Node `i` starts again with its data, as a supervisor would.
+    async fn start_node(&mut self, i: usize) {
+        match self {
+            Cluster::Local(c) => {
+                c.pg.start_node(i).await.unwrap();
+                c.stop_mmd(i); // the watchdog may not have stopped it yet
+                c.start_mmd(i, LOG).unwrap();
+            }
+            Cluster::Docker(c) => c.start_node(i).await.unwrap(),
+        }
+    }
+
+    async fn wait_online(&mut self, limit: Duration) {
+        match self {
+            Cluster::Local(c) => c.wait_online(limit).await,
+            Cluster::Docker(c) => c.wait_online(limit).await,
+        }
+        .expect("every node online")
+    }
 }
 
 /// Waits until `sql` (one bigint) reads the same on every node, directly.
-async fn same_everywhere(c: &MmCluster, sql: &str) -> i64 {
+async fn same_everywhere(c: &Cluster, sql: &str) -> i64 {
     let t = Instant::now();
     loop {
         let mut seen = Vec::new();
         for i in 0..3 {
-            let db = c.pg.connect(i).await.unwrap();
+            let db = c.direct(i).await;
             seen.push(db.query_one(sql, &[]).await.unwrap().get::<_, i64>(0));
         }
         if seen.iter().all(|v| *v == seen[0]) {
@@ -62,13 +148,8 @@ fn is_conflict(e: &tokio_postgres::Error) -> bool {
 /// Node 1 updates rows 1 then 2, node 2 rows 2 then 1, in a loop: every
 /// transaction returns (commits or aborts with a conflict) within a bound,
 /// some commit, and every node ends with both rows counting the commits.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn crossing_updates_on_two_nodes_return_within_a_bound() {
-    let _serial = ONE_AT_A_TIME.lock().await;
-    let Some(c) = cluster("scenario-crossing").await else {
-        return;
-    };
-    let n1 = c.connect_proxy(0).await.unwrap();
+async fn crossing_updates_on_two_nodes_return_within_a_bound(c: Cluster) {
+    let n1 = c.connect_proxy(0).await;
     n1.batch_execute("create table acc(id int primary key, v bigint not null)")
         .await
         .unwrap();
@@ -79,12 +160,8 @@ async fn crossing_updates_on_two_nodes_return_within_a_bound() {
     const BOUND: Duration = Duration::from_secs(15);
     let mut tasks = Vec::new();
     for (node, order) in [(0usize, [1, 2]), (1, [2, 1])] {
-        let conninfo = c.nodes[node].client_conninfo(c.dbname());
+        let cl = c.connect_proxy(node).await;
         tasks.push(tokio::spawn(async move {
-            let (cl, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
-                .await
-                .unwrap();
-            tokio::spawn(conn);
             let (mut commits, mut conflicts, mut slowest) = (0i64, 0, Duration::ZERO);
             for _ in 0..40 {
                 let t = Instant::now();
@@ -133,13 +210,8 @@ async fn crossing_updates_on_two_nodes_return_within_a_bound() {
 /// (in every 2-second window), and the counter ends equal everywhere,
 /// between the acknowledged upserts and those plus the ones whose outcome
 /// is unknown.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hot_key_upserts_keep_committing() {
-    let _serial = ONE_AT_A_TIME.lock().await;
-    let Some(c) = cluster("scenario-hotkey").await else {
-        return;
-    };
-    let n1 = c.connect_proxy(0).await.unwrap();
+async fn hot_key_upserts_keep_committing(c: Cluster) {
+    let n1 = c.connect_proxy(0).await;
     n1.batch_execute("create table hot(k int primary key, n bigint not null)")
         .await
         .unwrap();
@@ -148,12 +220,8 @@ async fn hot_key_upserts_keep_committing() {
     let t0 = Instant::now();
     let mut tasks = Vec::new();
     for node in 0..3 {
-        let conninfo = c.nodes[node].client_conninfo(c.dbname());
+        let cl = c.connect_proxy(node).await;
         tasks.push(tokio::spawn(async move {
-            let (cl, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
-                .await
-                .unwrap();
-            tokio::spawn(conn);
             let (mut acked, mut unknown, mut conflicts) = (0i64, 0i64, 0);
             let mut windows = [0u32; 5];
             while t0.elapsed() < RUN {
@@ -215,44 +283,32 @@ async fn hot_key_upserts_keep_committing() {
     assert_eq!(prepared, 0);
 }
 
-/// Transfers and `sum(balance)` readers on every node for 20 s; node 3's
-/// PostgreSQL is killed after 5 s and started again after 10 s (its mmd
-/// stops itself and is started again, as a supervisor would). No reader
+/// Transfers and `sum(balance)` readers on every node for 20 s; node 3 is
+/// killed after 5 s and started again after 10 s. No reader
 /// ever sees a wrong total, and every node ends with the same balances.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bank_readers_see_the_total_while_a_node_is_killed() {
-    let _serial = ONE_AT_A_TIME.lock().await;
-    let Some(mut c) = cluster("scenario-bank").await else {
-        return;
-    };
+async fn bank_readers_see_the_total_while_a_node_is_killed(mut c: Cluster) {
     const ACCOUNTS: i32 = 20;
     const INITIAL: i64 = 1000;
-    let n1 = c.connect_proxy(0).await.unwrap();
+    let n1 = c.connect_proxy(0).await;
     n1.batch_execute(BANK_SCHEMA).await.unwrap();
     n1.batch_execute(&bank_seed_sql(ACCOUNTS, INITIAL))
         .await
         .unwrap();
     same_everywhere(&c, "select count(*) from mm_bank").await;
-    let proxies: Vec<String> = (0..3)
-        .map(|i| c.nodes[i].client_conninfo(c.dbname()))
-        .collect();
+    let proxies: Vec<String> = (0..3).map(|i| c.proxy(i)).collect();
     let cfg = BankConfig::new(proxies, ACCOUNTS, INITIAL);
     let expected = cfg.expected_total();
     let bank =
         tokio::spawn(async move { run_bank(&cfg, Stop::after(Duration::from_secs(20))).await });
     tokio::time::sleep(Duration::from_secs(5)).await;
-    c.pg.kill9(2).unwrap();
+    c.kill_node(2).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
-    c.pg.start_node(2).await.unwrap();
-    c.stop_mmd(2); // the watchdog may not have stopped it yet
-    c.start_mmd(2, LOG).unwrap();
+    c.start_node(2).await;
     let report = bank.await.unwrap();
     eprintln!("{}", report.render());
     assert_eq!(report.readers.violations, 0, "a reader saw a wrong total");
     assert!(report.writers.committed > 0, "no transfer committed");
-    c.wait_online(Duration::from_secs(60))
-        .await
-        .expect("every node online again");
+    c.wait_online(Duration::from_secs(60)).await;
     let total = same_everywhere(&c, "select sum(balance)::bigint from mm_bank").await;
     assert_eq!(total, expected);
     same_everywhere(
@@ -260,4 +316,31 @@ async fn bank_readers_see_the_total_while_a_node_is_killed() {
         "select ('x' || substr(md5(string_agg(id || ':' || balance, ',' order by id)), 1, 15))::bit(60)::bigint from mm_bank",
     )
     .await;
+}
+
+/// One test per scenario and backend; one cluster at a time.
+macro_rules! on_both_backends {
+    ($($scenario:ident: $local:ident, $docker:ident;)*) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $local() {
+            let _serial = ONE_AT_A_TIME.lock().await;
+            if let Some(c) = Cluster::local(stringify!($local)).await {
+                $scenario(c).await;
+            }
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $docker() {
+            let _serial = ONE_AT_A_TIME.lock().await;
+            if let Some(c) = Cluster::docker(stringify!($docker)).await {
+                $scenario(c).await;
+            }
+        }
+    )*};
+}
+
+on_both_backends! {
+    crossing_updates_on_two_nodes_return_within_a_bound: local_crossing_updates, docker_crossing_updates;
+    hot_key_upserts_keep_committing: local_hot_key_upserts, docker_hot_key_upserts;
+    bank_readers_see_the_total_while_a_node_is_killed: local_bank_readers_under_a_kill, docker_bank_readers_under_a_kill;
 }
