@@ -19,7 +19,10 @@ async fn cluster(name: &str) -> Option<MmCluster> {
 }
 
 async fn cluster_with(name: &str, link_cuts: bool) -> Option<MmCluster> {
-    let c = common::cluster_with(name, link_cuts).await?;
+    with_table(common::cluster_with(name, link_cuts).await?).await
+}
+
+async fn with_table(c: MmCluster) -> Option<MmCluster> {
     let n1 = c.connect_proxy(0).await.unwrap();
     n1.batch_execute("create table kv(k int primary key, v text)")
         .await
@@ -303,4 +306,118 @@ async fn a_cut_link_leaves_one_clique_committing_and_heals() {
         acked.extend(w.await.unwrap());
     }
     converged(&c, &acked).await;
+}
+
+/// A node away while its peers' WAL outgrew `max_slot_wal_keep_size`: its
+/// slots on them are invalidated, so it cannot catch up from their streams.
+/// mm does not resync it by itself yet; what it must do is stay out of
+/// `online` (it lacks committed rows), say why in its log, and show the lost
+/// slot in `mtm.nodes()` on the peers, while the majority keeps committing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidated_slot_keeps_the_returning_node_out_and_says_why() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let settings = vec![
+        ("max_slot_wal_keep_size".to_string(), "64MB".to_string()),
+        ("max_wal_size".to_string(), "64MB".to_string()),
+        ("min_wal_size".to_string(), "32MB".to_string()),
+    ];
+    let Some(c) = common::cluster_settings("fail-slot-lost", false, settings).await else {
+        return;
+    };
+    let Some(mut c) = with_table(c).await else {
+        return;
+    };
+    c.stop_mmd(2);
+    c.pg.stop_node(2).unwrap();
+    first_commit(&c, 0, -10, Duration::from_secs(20)).await;
+    // Six WAL segments of 16 MB past node 3's slot, a checkpoint after
+    // each. The other nodes' slots follow (their restart point moves at the
+    // running-transactions record a checkpoint logs); node 3's does not, and
+    // once it is more than 64 MB behind a checkpoint invalidates it.
+    for i in 0..6 {
+        first_commit(&c, 0, -20 - i, Duration::from_secs(20)).await;
+        let mut marks = Vec::new();
+        for n in 0..2 {
+            let db = c.pg.connect(n).await.unwrap();
+            db.batch_execute("select pg_switch_wal(); checkpoint")
+                .await
+                .unwrap();
+            let lsn: String = db
+                .query_one("select pg_current_wal_lsn()::text", &[])
+                .await
+                .unwrap()
+                .get(0);
+            marks.push(lsn);
+        }
+        // A write after the checkpoint moves the active slots past it.
+        first_commit(&c, 0, -40 - i, Duration::from_secs(20)).await;
+        for (n, mark) in marks.iter().enumerate() {
+            let peer_slot = format!("mm_slot_for_{}", 2 - n); // node 1 serves 2, node 2 serves 1
+            let db = c.pg.connect(n).await.unwrap();
+            let t = Instant::now();
+            loop {
+                let caught_up: bool = db
+                    .query_one(
+                        "select coalesce(restart_lsn >= $2::text::pg_lsn, false) \
+                         from pg_replication_slots where slot_name = $1",
+                        &[&peer_slot, mark],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                if caught_up {
+                    break;
+                }
+                assert!(
+                    t.elapsed() < Duration::from_secs(20),
+                    "{peer_slot} on node {} did not follow",
+                    n + 1
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    for n in 0..2 {
+        let db = c.pg.connect(n).await.unwrap();
+        db.batch_execute("checkpoint").await.unwrap();
+    }
+    let lost: String =
+        c.pg.connect(0)
+            .await
+            .unwrap()
+            .query_one(
+                "select coalesce(slot_wal_status, '-') from mtm.nodes() where id = 3",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+    assert_eq!(lost, "lost", "node 1 shows node 3's slot as lost");
+    c.pg.start_node(2).await.unwrap();
+    c.start_mmd(2, LOG).unwrap();
+    let t = Instant::now();
+    let log = c.nodes[2].log_path.clone();
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("needs a resync") {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "node 3 never said its slot was invalidated"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // It stays out of `online` and the majority keeps committing.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let st = c.status(2).await.unwrap_or_default();
+    assert_ne!(st, "online", "node 3 lacks committed rows");
+    first_commit(&c, 1, -30, Duration::from_secs(20)).await;
+    let db3 = c.pg.connect(2).await.unwrap();
+    let have: i64 = db3
+        .query_one("select count(*) from kv where k <= -20 and k > -26", &[])
+        .await
+        .unwrap()
+        .get(0);
+    eprintln!("node 3: status {st}, {have} of the 6 rows written while it was away");
 }

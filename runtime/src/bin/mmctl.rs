@@ -122,14 +122,23 @@ async fn status(cfg: &NodeConfig) -> Result<String, String> {
         st.get::<_, String>(7),
     );
     out.push_str(&format!(
-        "{:>4}  {:<5} {:<8} {:<9} {:<5} {:<9} {:>14} {:>12}\n",
-        "id", "self", "member", "connected", "link", "receiver", "slot retained", "slot lag"
+        "{:>4}  {:<5} {:<8} {:<9} {:<5} {:<9} {:>14} {:>12}  {}\n",
+        "id",
+        "self",
+        "member",
+        "connected",
+        "link",
+        "receiver",
+        "slot retained",
+        "slot lag",
+        "slot WAL"
     ));
     let rows = c
         .query(
             "select id, is_self, enabled, connected, link, receiver_ok, \
              coalesce(pg_size_pretty(slot_retained_bytes), '-'), \
-             coalesce(pg_size_pretty(slot_lag_bytes), '-') from mtm.nodes()",
+             coalesce(pg_size_pretty(slot_lag_bytes), '-'), coalesce(slot_wal_status, '-') \
+             from mtm.nodes()",
             &[],
         )
         .await
@@ -137,7 +146,7 @@ async fn status(cfg: &NodeConfig) -> Result<String, String> {
     let yn = |b: bool| if b { "yes" } else { "no" };
     for r in rows {
         out.push_str(&format!(
-            "{:>4}  {:<5} {:<8} {:<9} {:<5} {:<9} {:>14} {:>12}\n",
+            "{:>4}  {:<5} {:<8} {:<9} {:<5} {:<9} {:>14} {:>12}  {}\n",
             r.get::<_, i32>(0),
             yn(r.get(1)),
             yn(r.get(2)),
@@ -150,6 +159,7 @@ async fn status(cfg: &NodeConfig) -> Result<String, String> {
             },
             r.get::<_, String>(6),
             r.get::<_, String>(7),
+            r.get::<_, String>(8),
         ));
     }
     Ok(out)

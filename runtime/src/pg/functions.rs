@@ -66,17 +66,20 @@ RETURNS SETOF record LANGUAGE sql STABLE AS $fn$
            s.gen_configured, s.in_doubt, s.updated_at
     FROM mm.status_now s
 $fn$;
-CREATE OR REPLACE FUNCTION mtm.nodes(
+-- Dropped first: a re-run of `mmctl init` may change its columns.
+DROP FUNCTION IF EXISTS mtm.nodes();
+CREATE FUNCTION mtm.nodes(
     OUT id int, OUT conninfo text, OUT is_self bool, OUT enabled bool, OUT connected bool,
     OUT link bool, OUT receiver_ok bool, OUT slot_name text, OUT slot_active bool,
-    OUT slot_retained_bytes numeric, OUT slot_lag_bytes numeric)
+    OUT slot_retained_bytes numeric, OUT slot_lag_bytes numeric, OUT slot_wal_status text)
 RETURNS SETOF record LANGUAGE sql STABLE AS $fn$
     SELECT n.id, n.conninfo, n.is_self,
            n.is_self OR n.id = ANY (s.gen_members),
            n.connected, n.link, n.receiver_ok,
            r.slot_name::text, r.active,
            pg_wal_lsn_diff(pg_current_wal_lsn(), r.restart_lsn),
-           pg_wal_lsn_diff(pg_current_wal_lsn(), r.confirmed_flush_lsn)
+           pg_wal_lsn_diff(pg_current_wal_lsn(), r.confirmed_flush_lsn),
+           r.wal_status
     FROM mm.nodes_now n
     LEFT JOIN mm.status_now s ON true
     LEFT JOIN pg_replication_slots r ON r.slot_name = 'mm_slot_for_' || n.id

@@ -40,6 +40,7 @@ pub struct ReceiverSettings {
 /// Stream from `peer` forever, reconnecting with backoff.
 pub async fn run_receiver(s: ReceiverSettings, hub: Arc<Hub>, results: UnboundedSender<Input>) {
     let mut delay = Duration::from_millis(200);
+    let mut said_lost = false;
     loop {
         let r = stream_once(&s, &hub, &results).await;
         hub.set_receiver_up(s.peer, false);
@@ -47,6 +48,22 @@ pub async fn run_receiver(s: ReceiverSettings, hub: Arc<Hub>, results: Unbounded
             Ok(()) => {
                 tracing::info!(peer = s.peer, "data-plane stream ended, reconnecting");
                 delay = Duration::from_millis(200);
+            }
+            Err(e) if slot_invalidated(&e) => {
+                // The peer removed WAL this node had not read yet: nothing
+                // it missed from that peer can be streamed any more.
+                if !said_lost {
+                    said_lost = true;
+                    tracing::error!(
+                        peer = s.peer,
+                        "this node's slot on node {} was invalidated (it retained more WAL \
+                         than max_slot_wal_keep_size while this node was away): this node \
+                         cannot catch up from that node's stream and needs a resync from a \
+                         donor snapshot, which mm does not do by itself yet; until then it \
+                         stays out of `online` and refuses work ({e})",
+                        s.peer
+                    );
+                }
             }
             Err(e) => {
                 tracing::warn!(peer = s.peer, "data-plane stream from peer failed: {e}");
@@ -460,6 +477,14 @@ fn push_row(
         }
         None => c.bad = Some(format!("row of unknown relation {rel_id}")),
     }
+}
+
+/// PostgreSQL's refusal to stream from a slot that lost its WAL
+/// (`max_slot_wal_keep_size`).
+fn slot_invalidated(e: &str) -> bool {
+    e.contains("has been invalidated")
+        || e.contains("cannot read from logical replication slot")
+        || e.contains("wal_status is lost")
 }
 
 /// `to:from_gen:upto_gen` (upto `-` for none), for node `me` only.
