@@ -126,7 +126,13 @@ pub fn pg_message(e: &tokio_postgres::Error) -> String {
 }
 
 async fn apply(c: &Client, tx: &RemoteTx, s: &ApplierSettings) -> Result<(), String> {
-    let wait = lock_wait_ms(s.lock_timeout_ms, tx.gid.origin, s.node_id);
+    let wait = lock_wait_ms(
+        s.lock_timeout_ms,
+        tx.gid.origin,
+        s.node_id,
+        s.nodes,
+        priority_epoch(),
+    );
     let (body, stmts) = replay_body(tx, wait, s.nodes, s.node_id)?;
     // PREPARE in the same round trip; if a row count then shows this node
     // lacks a row, undo the prepared copy and vote no.
@@ -143,16 +149,43 @@ async fn apply(c: &Client, tx: &RemoteTx, s: &ApplierSettings) -> Result<(), Str
 /// How long an applier here waits for a row lock held by a transaction of
 /// this node. Two nodes' crossing writes each wait for the other's lock; with
 /// one timeout both would vote no and both abort, again and again on a hot
-/// row. So the lower node id wins: a transaction from a lower id than ours
-/// waits twice the timeout (ours gives way: the other node votes no on it
-/// quickly), one from a higher id waits a tenth. The two nodes of a
-/// crossing pair always pick opposite sides, and one of the two commits.
-pub fn lock_wait_ms(lock_timeout_ms: u64, origin: NodeId, me: NodeId) -> u64 {
-    if origin < me {
+/// row. So one of the two has priority: applying a transaction of a node
+/// that ranks above this one, an applier waits twice the timeout (this
+/// node's transaction gives way: the other node votes no on it quickly);
+/// of a node ranking below, a tenth. The two nodes of a crossing pair pick
+/// opposite waits, and one of the two commits.
+///
+/// The ranking rotates every [`PRIORITY_PERIOD_S`] seconds of wall-clock
+/// time (`epoch`), so under constant contention on one row every node gets
+/// its turn to win. Two nodes whose clocks straddle a period boundary may
+/// pick the same wait for a moment: then both abort, as without a ranking.
+/// Safety never depends on it: any vote no only aborts.
+pub fn lock_wait_ms(
+    lock_timeout_ms: u64,
+    origin: NodeId,
+    me: NodeId,
+    nodes: usize,
+    epoch: u64,
+) -> u64 {
+    let n = nodes.max(1) as u64;
+    let rank = |id: NodeId| (u64::from(id) + n - 1 - epoch % n) % n;
+    if rank(origin) < rank(me) {
         lock_timeout_ms.saturating_mul(2)
     } else {
         (lock_timeout_ms / 10).max(20)
     }
+}
+
+/// How often the crossing-write ranking rotates (see [`lock_wait_ms`]).
+pub const PRIORITY_PERIOD_S: u64 = 2;
+
+/// The current period of the ranking, from the wall clock.
+pub fn priority_epoch() -> u64 {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    secs / PRIORITY_PERIOD_S
 }
 
 /// `BEGIN`, the transaction's statements and the `mm.applied_tx` record,
@@ -226,12 +259,28 @@ mod tests {
 
     #[test]
     fn the_two_ends_of_a_crossing_pair_wait_differently() {
-        for (a, b) in [(1, 2), (2, 3), (1, 3)] {
-            // Node b applying a's transaction waits long; node a applying b's gives way.
-            assert!(lock_wait_ms(500, a, b) > lock_wait_ms(500, b, a));
+        for epoch in 0..6 {
+            for (a, b) in [(1, 2), (2, 3), (1, 3)] {
+                let on_b = lock_wait_ms(500, a, b, 3, epoch); // b applies a's
+                let on_a = lock_wait_ms(500, b, a, 3, epoch);
+                assert!(
+                    (on_b == 1000 && on_a == 50) || (on_b == 50 && on_a == 1000),
+                    "epoch {epoch}, nodes {a} and {b}: {on_b} and {on_a}"
+                );
+            }
         }
-        assert_eq!(lock_wait_ms(500, 1, 2), 1000);
-        assert_eq!(lock_wait_ms(500, 3, 2), 50);
-        assert_eq!(lock_wait_ms(50, 3, 2), 20);
+        assert_eq!(lock_wait_ms(50, 3, 2, 3, 0), 20);
+    }
+
+    #[test]
+    fn every_node_ranks_first_in_some_period() {
+        for me in 1..=3u8 {
+            let wins = (0..3u64).any(|epoch| {
+                (1..=3u8)
+                    .filter(|&o| o != me)
+                    .all(|o| lock_wait_ms(500, me, o, 3, epoch) == 1000)
+            });
+            assert!(wins, "node {me} never has priority");
+        }
     }
 }
