@@ -95,10 +95,10 @@ impl MmCluster {
         let dbname = pg_cfg.dbname.clone();
         let mut pg = LocalCluster::start(pg_cfg).await?;
         let n = pg.nodes().len();
-        let mut ports = Vec::new();
-        for _ in 0..n {
-            ports.push((free_port()?, free_port()?));
-        }
+        // Picked together: separate picks can return the same port (two
+        // nodes once got the same mesh address).
+        let picked = crate::backend::local::free_ports(2 * n)?;
+        let ports: Vec<(u16, u16)> = picked.chunks(2).map(|p| (p[0], p[1])).collect();
         // Nodes reach each other at their PostgreSQL (data plane) and their
         // mmd's mesh port.
         let listen: Vec<Vec<u16>> = (0..n).map(|i| vec![pg.node(i).port, ports[i].1]).collect();

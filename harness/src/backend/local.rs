@@ -632,7 +632,9 @@ fn check_socket_path(node: &LocalNode) -> Result<()> {
 }
 
 /// `n` distinct ports the OS reports free on 127.0.0.1 right now.
-fn free_ports(n: usize) -> Result<Vec<u16>> {
+/// `n` distinct free ports on 127.0.0.1: all are held at once while they
+/// are picked, so two of them cannot be the same.
+pub fn free_ports(n: usize) -> Result<Vec<u16>> {
     let listeners = (0..n)
         .map(|_| TcpListener::bind("127.0.0.1:0"))
         .collect::<std::io::Result<Vec<_>>>()
