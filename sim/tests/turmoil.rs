@@ -9,15 +9,7 @@ use mm_sim::turmoil::{
 use mm_sim::Mutant;
 
 fn assert_clean(r: &TurmoilReport) {
-    assert!(
-        r.ok(),
-        "seed {} ({} nodes) failed:\n  {}\nfaults:\n  {}\nrepro: {}",
-        r.seed,
-        r.nodes,
-        r.violations.join("\n  "),
-        r.faults.join("\n  "),
-        r.repro()
-    );
+    assert!(r.ok(), "{}", r.failure());
     assert!(r.committed > 0, "seed {}: nothing committed", r.seed);
 }
 

@@ -8,17 +8,6 @@ use mm_sim::turmoil::{
 use mm_sim::Mutant;
 use std::time::Instant;
 
-fn fail_message(r: &TurmoilReport) -> String {
-    format!(
-        "seed {} ({} nodes) failed:\n  {}\nfaults:\n  {}\nrepro: {}",
-        r.seed,
-        r.nodes,
-        r.violations.join("\n  "),
-        r.faults.join("\n  "),
-        r.repro()
-    )
-}
-
 /// 60 seeds of 3 nodes (0..60) and 30 of 5 (60..90), each arming its own
 /// random targets.
 #[test]
@@ -31,7 +20,7 @@ fn sweep_fires_every_phase_fault_pair() {
             let r = run_turmoil(&TurmoilOptions::new(seed, nodes));
             cov.add(&r);
             if !r.ok() {
-                eprintln!("{}", fail_message(&r));
+                eprintln!("{}", r.failure());
                 failed.push(r.repro());
             }
         }
@@ -90,7 +79,7 @@ fn crash_at_commit_sent_catches_resolver_ignoring_ballots() {
     assert_eq!(r.phase_hits, vec![(Phase::CommitSent, PhaseFault::Crash)]);
     // The catch is the mutant's: the correct core passes the same run...
     let clean = with(r.seed, None, target);
-    assert!(clean.ok(), "{}", fail_message(&clean));
+    assert!(clean.ok(), "{}", clean.failure());
     // ...and the target's: without it the mutant goes unnoticed on this seed.
     assert!(
         with(r.seed, m, PhaseFaults::Off).ok(),
@@ -125,7 +114,7 @@ fn faults_mid_catchup_still_converge() {
             fired += r.phase_hits.len();
             dropped += r.streams_dropped;
             if !r.ok() {
-                eprintln!("{}", fail_message(&r));
+                eprintln!("{}", r.failure());
                 failed.push(r.repro());
             }
         }

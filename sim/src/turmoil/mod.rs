@@ -148,6 +148,18 @@ pub struct TurmoilReport {
 }
 
 impl TurmoilReport {
+    /// What a failing seed prints: its violations, its faults, the repro.
+    pub fn failure(&self) -> String {
+        format!(
+            "seed {} ({} nodes) failed:\n  {}\nfaults:\n  {}\nrepro: {}",
+            self.seed,
+            self.nodes,
+            self.violations.join("\n  "),
+            self.faults.join("\n  "),
+            self.repro()
+        )
+    }
+
     pub fn ok(&self) -> bool {
         self.violations.is_empty()
     }
