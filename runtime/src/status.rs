@@ -13,12 +13,13 @@ use tokio::sync::watch;
 use tokio_postgres::NoTls;
 
 const UPSERT_STATUS: &str = "INSERT INTO mm.status_now (singleton, my_node_id, status, connected, \
-     gen_num, gen_members, gen_donors, gen_configured, in_doubt, updated_at) \
-     VALUES (true, $1, $2, $3, $4, $5, $6, $7, $8, now()) \
+     gen_num, gen_members, gen_donors, gen_configured, in_doubt, resync, updated_at) \
+     VALUES (true, $1, $2, $3, $4, $5, $6, $7, $8, $9, now()) \
      ON CONFLICT (singleton) DO UPDATE SET my_node_id = EXCLUDED.my_node_id, \
      status = EXCLUDED.status, connected = EXCLUDED.connected, gen_num = EXCLUDED.gen_num, \
      gen_members = EXCLUDED.gen_members, gen_donors = EXCLUDED.gen_donors, \
-     gen_configured = EXCLUDED.gen_configured, in_doubt = EXCLUDED.in_doubt, updated_at = now()";
+     gen_configured = EXCLUDED.gen_configured, in_doubt = EXCLUDED.in_doubt, \
+     resync = EXCLUDED.resync, updated_at = now()";
 const UPSERT_NODE: &str =
     "INSERT INTO mm.nodes_now (id, conninfo, is_self, connected, link, receiver_ok) \
      VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO UPDATE SET conninfo = EXCLUDED.conninfo, \
@@ -73,13 +74,18 @@ async fn write(
         UPSERT_STATUS,
         &[
             &i32::from(s.node_id),
-            &status_name(s.status),
+            &if hub.resyncing() {
+                "resync"
+            } else {
+                status_name(s.status)
+            },
             &ids(s.connected),
             &(s.generation.num as i64),
             &ids(s.generation.members),
             &ids(s.generation.donors),
             &configured,
             &(s.in_doubt as i32),
+            &hub.resync_note(),
         ],
     )
     .await?;

@@ -104,7 +104,8 @@ async fn status(cfg: &NodeConfig) -> Result<String, String> {
     let st = c
         .query_opt(
             "select my_node_id, status, gen_num, gen_members::text, gen_members_online::text, \
-             connected::text, in_doubt, to_char(reported_at, 'HH24:MI:SS') from mtm.status()",
+             connected::text, in_doubt, to_char(reported_at, 'HH24:MI:SS'), resync \
+             from mtm.status()",
             &[],
         )
         .await
@@ -121,6 +122,12 @@ async fn status(cfg: &NodeConfig) -> Result<String, String> {
         st.get::<_, i32>(6),
         st.get::<_, String>(7),
     );
+    if let Some(resync) = st.get::<_, Option<String>>(8) {
+        out.insert_str(
+            out.len() - 1,
+            &format!("resync from a donor snapshot: {resync}\n"),
+        );
+    }
     out.push_str(&format!(
         "{:>4}  {:<5} {:<8} {:<9} {:<5} {:<9} {:>14} {:>12}  {}\n",
         "id",

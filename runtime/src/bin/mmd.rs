@@ -9,6 +9,7 @@ use mm_runtime::mesh::{Mesh, MeshConfig};
 use mm_runtime::pg::adapter::PgStorage;
 use mm_runtime::pg::hub::Hub;
 use mm_runtime::pg::receiver::{run_receiver, ReceiverSettings};
+use mm_runtime::pg::resync::{find_pg_dump, run_resync, ResyncSettings};
 use mm_runtime::proxy::backend::BackendAddr;
 use mm_runtime::proxy::{serve, ProxyContext};
 use mm_runtime::status::run_status_writer;
@@ -109,6 +110,17 @@ async fn run(cfg: NodeConfig) -> Result<(), String> {
             .await
             .map_err(|e| format!("{e} (did `mmctl init` prepare this node?)"))?;
 
+    tokio::spawn(run_resync(
+        ResyncSettings {
+            me: cfg.node_id,
+            nodes: cfg.nodes.len(),
+            local_conninfo: cfg.postgres.conninfo.clone(),
+            peers: peers.clone(),
+            pg_dump: find_pg_dump(),
+        },
+        hub.clone(),
+        handle.watch(),
+    ));
     for (peer, conninfo) in peers {
         let s = ReceiverSettings {
             me: cfg.node_id,

@@ -5,7 +5,8 @@
 //! - `mm.status_now`, `mm.nodes_now`: what `mmd` last reported (UNLOGGED:
 //!   per node, never decoded into the data plane);
 //! - `mtm.status()`, `mtm.nodes()`: multimaster's status functions, same names
-//!   and the columns that make sense here. A report older than 5 s means
+//!   and the columns that make sense here, plus `resync` (the last resync
+//!   from a donor snapshot, or the one under way). A report older than 5 s means
 //!   `mmd` is not running, and `mtm.status()` says so.
 
 pub const FUNCTIONS: &str = r#"
@@ -43,6 +44,7 @@ CREATE UNLOGGED TABLE IF NOT EXISTS mm.status_now (
     in_doubt int NOT NULL,
     updated_at timestamptz NOT NULL
 );
+ALTER TABLE mm.status_now ADD COLUMN IF NOT EXISTS resync text;
 CREATE UNLOGGED TABLE IF NOT EXISTS mm.nodes_now (
     id int PRIMARY KEY,
     conninfo text,
@@ -53,17 +55,19 @@ CREATE UNLOGGED TABLE IF NOT EXISTS mm.nodes_now (
 );
 
 CREATE SCHEMA IF NOT EXISTS mtm;
-CREATE OR REPLACE FUNCTION mtm.status(
+-- Dropped first: a re-run of `mmctl init` may change its columns.
+DROP FUNCTION IF EXISTS mtm.status();
+CREATE FUNCTION mtm.status(
     OUT my_node_id int, OUT status text, OUT connected int[], OUT gen_num bigint,
     OUT gen_members int[], OUT gen_members_online int[], OUT gen_configured int[],
-    OUT in_doubt int, OUT reported_at timestamptz)
+    OUT in_doubt int, OUT reported_at timestamptz, OUT resync text)
 RETURNS SETOF record LANGUAGE sql STABLE AS $fn$
     SELECT s.my_node_id,
            CASE WHEN s.updated_at < now() - interval '5 seconds'
                 THEN 'disabled (mmd not running)' ELSE s.status END,
            s.connected, s.gen_num, s.gen_members,
            ARRAY(SELECT m FROM unnest(s.gen_members) m WHERE m = ANY (s.connected) ORDER BY m),
-           s.gen_configured, s.in_doubt, s.updated_at
+           s.gen_configured, s.in_doubt, s.updated_at, s.resync
     FROM mm.status_now s
 $fn$;
 -- Dropped first: a re-run of `mmctl init` may change its columns.

@@ -7,7 +7,7 @@
 use super::remote_tx::RemoteTx;
 use mm_core::{ClientId, Gid, Input};
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
@@ -36,6 +36,8 @@ struct Inner {
     missed: BTreeMap<Gid, RemoteTx>,
     /// Per peer: is its data-plane stream up?
     receivers: BTreeMap<mm_core::NodeId, bool>,
+    /// The last resync, or the one under way, for `mtm.status()`.
+    resync_note: Option<String>,
 }
 
 #[derive(Default)]
@@ -48,6 +50,11 @@ pub struct Hub {
     /// Replays of missed transactions run one at a time, so two streams
     /// carrying the same transaction cannot both apply it.
     pub replay_lock: tokio::sync::Mutex<()>,
+    /// A receiver found this node's slot on a peer invalidated.
+    resync_wanted: AtomicBool,
+    /// A resync is replacing this node's database: receivers stay down.
+    resyncing: AtomicBool,
+    resync_changed: Notify,
 }
 
 impl Hub {
@@ -64,6 +71,65 @@ impl Hub {
     }
     pub fn receiver_up(&self, peer: mm_core::NodeId) -> bool {
         self.lock().receivers.get(&peer).copied().unwrap_or(false)
+    }
+
+    /// This node lost data it can only get back from a donor snapshot.
+    pub fn want_resync(&self) {
+        self.resync_wanted.store(true, Ordering::Release);
+        self.resync_changed.notify_waiters();
+    }
+    pub fn resync_wanted(&self) -> bool {
+        self.resync_wanted.load(Ordering::Acquire)
+    }
+    /// Wait until a resync is wanted.
+    pub async fn resync_requested(&self) {
+        self.wait_resync_flag(|h| h.resync_wanted()).await
+    }
+    /// A resync starts (`true`, receivers go down) or ended (`false`);
+    /// one that succeeded clears the request.
+    pub fn set_resyncing(&self, on: bool, done: bool) {
+        if done {
+            self.resync_wanted.store(false, Ordering::Release);
+        }
+        self.resyncing.store(on, Ordering::Release);
+        self.resync_changed.notify_waiters();
+    }
+    pub fn resyncing(&self) -> bool {
+        self.resyncing.load(Ordering::Acquire)
+    }
+    /// Resolves once a resync is under way (for receivers to stop).
+    pub async fn resync_started(&self) {
+        self.wait_resync_flag(|h| h.resyncing()).await
+    }
+    /// Resolves once no resync is under way.
+    pub async fn resync_finished(&self) {
+        self.wait_resync_flag(|h| !h.resyncing()).await
+    }
+    async fn wait_resync_flag(&self, done: impl Fn(&Hub) -> bool) {
+        loop {
+            let notified = self.resync_changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if done(self) {
+                return;
+            }
+            notified.await;
+        }
+    }
+    pub fn set_resync_note(&self, note: String) {
+        self.lock().resync_note = Some(note);
+    }
+    pub fn resync_note(&self) -> Option<String> {
+        self.lock().resync_note.clone()
+    }
+    /// Peers whose data-plane stream is up.
+    pub fn receivers_up(&self) -> Vec<mm_core::NodeId> {
+        self.lock()
+            .receivers
+            .iter()
+            .filter(|(_, up)| **up)
+            .map(|(p, _)| *p)
+            .collect()
     }
 
     pub fn register_session(&self, client: ClientId, tx: mpsc::UnboundedSender<SessionCmd>) {

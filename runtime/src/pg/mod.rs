@@ -5,6 +5,8 @@
 //!   from its WAL to a prepared transaction here; [`finisher`] commits or
 //!   rolls back decided ones; [`remote_tx`] turns changes into SQL;
 //!   [`replay`] applies committed transactions this node missed;
+//!   [`resync`] replaces the database with a donor's snapshot when a slot
+//!   this node needed was invalidated;
 //! - [`init`], [`prereq`]: `mmctl init`;
 //! - [`state`]: the durable protocol state (`mm_core::DurableState`) in the
 //!   `mm` schema of the local database, and the prepared mm transactions
@@ -21,6 +23,7 @@ pub mod receiver;
 pub mod remote_tx;
 pub mod replay;
 pub mod replication;
+pub mod resync;
 pub mod sql;
 pub mod state;
 

@@ -42,9 +42,16 @@ pub async fn run_receiver(s: ReceiverSettings, hub: Arc<Hub>, results: Unbounded
     let mut delay = Duration::from_millis(200);
     let mut said_lost = false;
     loop {
+        hub.resync_finished().await;
         let r = stream_once(&s, &hub, &results).await;
         hub.set_receiver_up(s.peer, false);
         match r {
+            Ok(()) if hub.resyncing() => {
+                tracing::info!(peer = s.peer, "data-plane stream stopped for a resync");
+                said_lost = false;
+                delay = Duration::from_millis(200);
+                continue;
+            }
             Ok(()) => {
                 tracing::info!(peer = s.peer, "data-plane stream ended, reconnecting");
                 delay = Duration::from_millis(200);
@@ -59,11 +66,12 @@ pub async fn run_receiver(s: ReceiverSettings, hub: Arc<Hub>, results: Unbounded
                         "this node's slot on node {} was invalidated (it retained more WAL \
                          than max_slot_wal_keep_size while this node was away): this node \
                          cannot catch up from that node's stream and needs a resync from a \
-                         donor snapshot, which mm does not do by itself yet; until then it \
-                         stays out of `online` and refuses work ({e})",
+                         donor snapshot; it stays out of `online` and refuses work until \
+                         the resync is done ({e})",
                         s.peer
                     );
                 }
+                hub.want_resync();
             }
             Err(e) => {
                 tracing::warn!(peer = s.peer, "data-plane stream from peer failed: {e}");
@@ -140,6 +148,8 @@ async fn stream_once(
         // positions and completes catch-up marks.
         let next = tokio::select! {
             r = stream.next() => r.map_err(|e| e.to_string())?,
+            // The resync replaces what this stream's state describes.
+            _ = hub.resync_started() => return Ok(()),
             _ = tick.tick() => {
                 let covered = to_replay
                     .iter()

@@ -174,6 +174,8 @@ pub struct SlotInfo {
     pub slot_name: String,
     /// Decoding of the slot starts with transactions committing after this.
     pub consistent_point: Lsn,
+    /// The exported snapshot's name, when one was asked for.
+    pub snapshot: Option<String>,
     pub output_plugin: String,
 }
 
@@ -432,9 +434,36 @@ impl ReplicationClient {
         name: &str,
         two_phase: bool,
     ) -> Result<SlotInfo, ReplError> {
+        self.create_slot_with(name, two_phase, "nothing").await
+    }
+
+    /// As [`Self::create_slot`], exporting the slot's starting snapshot
+    /// (`SlotInfo::snapshot`): a transaction elsewhere that sets it sees
+    /// exactly what committed before the slot's first decoded transaction.
+    /// The snapshot lives while this connection stays open and idle.
+    pub async fn create_slot_exporting(
+        &mut self,
+        name: &str,
+        two_phase: bool,
+    ) -> Result<SlotInfo, ReplError> {
+        let info = self.create_slot_with(name, two_phase, "export").await?;
+        if info.snapshot.is_none() {
+            return Err(ReplError::Protocol(
+                "CREATE_REPLICATION_SLOT exported no snapshot".into(),
+            ));
+        }
+        Ok(info)
+    }
+
+    async fn create_slot_with(
+        &mut self,
+        name: &str,
+        two_phase: bool,
+        snapshot: &str,
+    ) -> Result<SlotInfo, ReplError> {
         check_slot_name(name)?;
         let sql = format!(
-            "CREATE_REPLICATION_SLOT {name} LOGICAL pgoutput (TWO_PHASE {two_phase}, SNAPSHOT 'nothing')"
+            "CREATE_REPLICATION_SLOT {name} LOGICAL pgoutput (TWO_PHASE {two_phase}, SNAPSHOT '{snapshot}')"
         );
         let r = self.one_row(&sql, 4).await?;
         let bad = |what: &str| ReplError::Protocol(format!("CREATE_REPLICATION_SLOT: bad {what}"));
@@ -444,6 +473,7 @@ impl ReplicationClient {
                 .as_deref()
                 .and_then(|s| s.parse().ok())
                 .ok_or_else(|| bad("consistent_point"))?,
+            snapshot: r[2].clone(),
             output_plugin: r[3].clone().unwrap_or_default(),
         })
     }
