@@ -47,8 +47,24 @@ pub struct DurableState {
 impl DurableState {
     /// The state of a freshly initialised cluster: generation 1 with every
     /// configured node a member and a donor.
-    pub fn bootstrap(n: usize) -> DurableState {
-        let all = crate::ids::NodeSet::first_n(n);
+    /// A node added to a running cluster: a member of no generation, holding
+    /// nothing, so it catches up before any generation counts it.
+    pub fn joiner() -> DurableState {
+        let none = crate::ids::NodeSet::EMPTY;
+        DurableState {
+            boot: 0,
+            promised_gen: 0,
+            gen: Generation {
+                num: 0,
+                members: none,
+                donors: none,
+            },
+            last_online_gen: 0,
+            txs: BTreeMap::new(),
+        }
+    }
+
+    pub fn bootstrap(all: crate::ids::NodeSet) -> DurableState {
         DurableState {
             boot: 0,
             promised_gen: 1,

@@ -38,8 +38,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Config {
     pub id: NodeId,
-    /// Configured cluster size; quorums are majorities of this, never of a generation.
-    pub nodes: usize,
+    /// The configured nodes; quorums are majorities of this set, never of a
+    /// generation. Ids need not be contiguous: a dropped node leaves a gap.
+    pub nodes: NodeSet,
     /// Granularity of the periodic [`Input::Tick`].
     pub tick_interval: Time,
     pub heartbeat_interval: Time,
@@ -73,8 +74,19 @@ impl Config {
                 ids::MAX_NODES
             ));
         }
-        if id < 1 || id as usize > nodes {
-            return Err(format!("node id {id} outside 1..={nodes}"));
+        Config::try_with_nodes(id, NodeSet::first_n(nodes))
+    }
+
+    /// A node of the cluster made of `nodes` (any ids in `1..=MAX_NODES`).
+    pub fn try_with_nodes(id: NodeId, nodes: NodeSet) -> Result<Config, String> {
+        if nodes.is_empty() || nodes.iter().any(|n| n < 1 || n as usize > ids::MAX_NODES) {
+            return Err(format!(
+                "node ids {nodes} must be a non-empty set within 1..={}",
+                ids::MAX_NODES
+            ));
+        }
+        if !nodes.contains(id) {
+            return Err(format!("node id {id} is not one of the nodes {nodes}"));
         }
         Ok(Config {
             id,
@@ -109,11 +121,11 @@ impl Config {
 
     /// Votes needed for any quorum: a majority of the configured nodes.
     pub fn majority(&self) -> usize {
-        self.nodes / 2 + 1
+        self.nodes.len() / 2 + 1
     }
 
     pub fn all_nodes(&self) -> NodeSet {
-        NodeSet::first_n(self.nodes)
+        self.nodes
     }
 }
 

@@ -131,6 +131,12 @@ impl Node {
         Node::with_state(cfg, durable, now)
     }
 
+    /// A node added to a running cluster. Generation 1 of the cluster it
+    /// joins had other members, so it must not claim to be in it.
+    pub fn new_joiner(cfg: Config, now: Time) -> Node {
+        Node::with_state(cfg, DurableState::joiner(), now)
+    }
+
     /// A node restarting after a crash: its durable state and the gids its
     /// database still holds prepared (`pg_prepared_xacts`). Volatile state
     /// (coordinated transactions, campaigns, resolver rounds) is gone.
@@ -158,7 +164,7 @@ impl Node {
     }
 
     fn with_state(cfg: Config, durable: DurableState, now: Time) -> Node {
-        let peers = vec![PeerView::default(); cfg.nodes + 1];
+        let peers = vec![PeerView::default(); crate::ids::MAX_NODES + 1];
         Node {
             now,
             booted_at: now,
@@ -266,7 +272,7 @@ impl Node {
     }
 
     fn on_message(&mut self, from: NodeId, msg: Message) {
-        if from == 0 || from as usize > self.cfg.nodes || from == self.cfg.id {
+        if !self.cfg.nodes.contains(from) || from == self.cfg.id {
             return; // not a peer of ours; the transport should not have let it in
         }
         self.peers[from as usize].last_heard = Some(self.now);

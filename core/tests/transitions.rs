@@ -31,7 +31,9 @@ impl Cluster {
             nodes: (0..=n)
                 .map(|i| (i > 0).then(|| Node::new(Config::new(i as NodeId, n), now)))
                 .collect(),
-            durable: (0..=n).map(|_| DurableState::bootstrap(n)).collect(),
+            durable: (0..=n)
+                .map(|_| DurableState::bootstrap(mm_core::NodeSet::first_n(n)))
+                .collect(),
             prepared: vec![BTreeSet::new(); n + 1],
             committed: vec![Vec::new(); n + 1],
             queue: VecDeque::new(),

@@ -535,7 +535,7 @@ pub async fn run_chaos(opts: &ChaosOptions, progress: &dyn Fn(&str)) -> Result<C
 
 /// The cluster under test, on either backend.
 enum Target {
-    Local(MmCluster),
+    Local(Box<MmCluster>),
     Docker(DockerCluster),
 }
 
@@ -552,7 +552,7 @@ impl Target {
                     "cluster online; work dir {}",
                     c.pg.work_dir().display()
                 ));
-                Ok(Target::Local(c))
+                Ok(Target::Local(Box::new(c)))
             }
             Backend::Docker => {
                 let c = DockerCluster::start(DockerClusterConfig::for_tests(opts.nodes)).await?;

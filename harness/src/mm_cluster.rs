@@ -49,6 +49,8 @@ pub struct MmNode {
     pub mesh_port: u16,
     pub config_path: PathBuf,
     pub log_path: PathBuf,
+    /// Removed from the cluster (`drop_node`): its id is not reused.
+    pub dropped: bool,
     child: Option<Child>,
 }
 
@@ -67,6 +69,8 @@ pub struct MmCluster {
     pub nodes: Vec<MmNode>,
     mmd: PathBuf,
     dbname: String,
+    extra_config: String,
+    log: String,
 }
 
 /// Options of the mm side of a local cluster.
@@ -105,17 +109,56 @@ impl MmCluster {
         if let Some(cuts) = pg.link_cuts_mut() {
             cuts.mark_links(&listen)?;
         }
-        let mut nodes_toml = String::new();
-        for (i, node) in pg.nodes().iter().enumerate() {
-            nodes_toml.push_str(&format!(
-                "[[nodes]]\nid = {}\nmesh = \"127.0.0.1:{}\"\npostgres = \"{}\"\n\n",
-                i + 1,
-                ports[i].1,
-                node.conninfo()
-            ));
-        }
         let mut nodes = Vec::new();
         for (i, node) in pg.nodes().iter().enumerate() {
+            nodes.push(MmNode {
+                id: i + 1,
+                client_port: ports[i].0,
+                mesh_port: ports[i].1,
+                config_path: node.dir.join("mmd.toml"),
+                log_path: node.dir.join("mmd.log"),
+                dropped: false,
+                child: None,
+            });
+        }
+        let mut c = MmCluster {
+            pg,
+            nodes,
+            mmd,
+            dbname,
+            extra_config: opts.extra_config.clone(),
+            log: opts.log.clone(),
+        };
+        c.write_configs()?;
+        for i in 0..n {
+            mm_runtime::pg::init::init_node(&c.config(i)?)
+                .await
+                .map_err(|e| anyhow!("mmctl init of node {}: {e}", i + 1))?;
+        }
+        for i in 0..n {
+            c.start_mmd(i, &opts.log)?;
+        }
+        c.wait_online(Duration::from_secs(60)).await?;
+        Ok(c)
+    }
+
+    pub fn dbname(&self) -> &str {
+        &self.dbname
+    }
+
+    /// Write every node's TOML: the nodes not dropped, this one's ports.
+    fn write_configs(&self) -> Result<()> {
+        let mut nodes_toml = String::new();
+        for n in self.nodes.iter().filter(|n| !n.dropped) {
+            nodes_toml.push_str(&format!(
+                "[[nodes]]\nid = {}\nmesh = \"127.0.0.1:{}\"\npostgres = \"{}\"\n\n",
+                n.id,
+                n.mesh_port,
+                self.pg.node(n.id - 1).conninfo()
+            ));
+        }
+        for n in self.nodes.iter().filter(|n| !n.dropped) {
+            let node = self.pg.node(n.id - 1);
             // mmd reaches its own PostgreSQL over the Unix socket (cheaper
             // than TCP loopback); peers use TCP.
             let local = format!(
@@ -128,45 +171,161 @@ impl MmCluster {
                 "cluster_id = \"mm-local\"\nnode_id = {}\nsecret = \"local test cluster secret\"\n\n\
                  [listen]\nmesh = \"127.0.0.1:{}\"\nclient = \"127.0.0.1:{}\"\n\n\
                  [postgres]\nconninfo = \"{}\"\n\n{}\n{}",
-                i + 1,
-                ports[i].1,
-                ports[i].0,
-                local,
-                opts.extra_config,
-                nodes_toml
+                n.id, n.mesh_port, n.client_port, local, self.extra_config, nodes_toml
             );
-            let config_path = node.dir.join("mmd.toml");
-            std::fs::write(&config_path, &text)
-                .with_context(|| format!("writing {}", config_path.display()))?;
-            let cfg = NodeConfig::load(&config_path)
-                .map_err(|e| anyhow!("{}: {e}", config_path.display()))?;
-            mm_runtime::pg::init::init_node(&cfg)
-                .await
-                .map_err(|e| anyhow!("mmctl init of node {}: {e}", i + 1))?;
-            nodes.push(MmNode {
-                id: i + 1,
-                client_port: ports[i].0,
-                mesh_port: ports[i].1,
-                config_path,
-                log_path: node.dir.join("mmd.log"),
-                child: None,
-            });
+            std::fs::write(&n.config_path, &text)
+                .with_context(|| format!("writing {}", n.config_path.display()))?;
         }
-        let mut c = MmCluster {
-            pg,
-            nodes,
-            mmd,
-            dbname,
-        };
-        for i in 0..n {
-            c.start_mmd(i, &opts.log)?;
-        }
-        c.wait_online(Duration::from_secs(60)).await?;
-        Ok(c)
+        Ok(())
     }
 
-    pub fn dbname(&self) -> &str {
-        &self.dbname
+    /// Node `i`'s configuration as mmd reads it.
+    pub fn config(&self, i: usize) -> Result<NodeConfig> {
+        let p = &self.nodes[i].config_path;
+        NodeConfig::load(p).map_err(|e| anyhow!("{}: {e}", p.display()))
+    }
+
+    /// Restart the mmd of every node in `which` with its current
+    /// configuration, one at a time, each back `online` before the next.
+    pub async fn rolling_restart(&mut self, which: &[usize], limit: Duration) -> Result<()> {
+        for &i in which {
+            // The old mmd's last report says `online` for a while: only a
+            // report made after the restart counts.
+            let since: String = self
+                .pg
+                .connect(i)
+                .await?
+                .query_one("select now()::text", &[])
+                .await?
+                .get(0);
+            self.stop_mmd(i);
+            let log = self.log.clone();
+            self.start_mmd(i, &log)?;
+            self.wait_node_online_since(i, Some(&since), limit).await?;
+        }
+        Ok(())
+    }
+
+    /// Add a node under the next id, as an operator would: a new
+    /// PostgreSQL, every configuration listing it, `mmctl init` and
+    /// `mmctl add-node` on it, a rolling restart of the other mmds, then its
+    /// own mmd, which copies a donor's database and joins. Returns its index
+    /// once it is `online`.
+    pub async fn add_node(&mut self, limit: Duration) -> Result<usize> {
+        let i = self.pg.add_node().await?;
+        let ports = crate::backend::local::free_ports(2)?;
+        let node = self.pg.node(i);
+        self.nodes.push(MmNode {
+            id: i + 1,
+            client_port: ports[0],
+            mesh_port: ports[1],
+            config_path: node.dir.join("mmd.toml"),
+            log_path: node.dir.join("mmd.log"),
+            dropped: false,
+            child: None,
+        });
+        self.write_configs()?;
+        let cfg = self.config(i)?;
+        mm_runtime::pg::init::init_node(&cfg)
+            .await
+            .map_err(|e| anyhow!("mmctl init of node {}: {e}", i + 1))?;
+        mm_runtime::pg::membership::add_node(&cfg, false)
+            .await
+            .map_err(|e| anyhow!("mmctl add-node of node {}: {e}", i + 1))?;
+        let others: Vec<usize> = (0..i).filter(|&j| !self.nodes[j].dropped).collect();
+        self.rolling_restart(&others, limit).await?;
+        let log = self.log.clone();
+        self.start_mmd(i, &log)?;
+        self.wait_node_online(i, limit).await?;
+        Ok(i)
+    }
+
+    /// Drop node `i` for good, as an operator would: stop its mmd and
+    /// PostgreSQL, wait for a generation without it, remove it from every
+    /// configuration with a rolling restart, then `mmctl drop-node`.
+    pub async fn drop_node(&mut self, i: usize, limit: Duration) -> Result<()> {
+        self.stop_mmd(i);
+        self.pg.stop_node(i)?;
+        let id = self.nodes[i].id as i32;
+        let rest: Vec<usize> = (0..self.nodes.len())
+            .filter(|&j| j != i && !self.nodes[j].dropped)
+            .collect();
+        let deadline = tokio::time::Instant::now() + limit;
+        'wait: loop {
+            let mut out = true;
+            for &j in &rest {
+                let c = self.pg.connect(j).await?;
+                let member: Option<bool> = c
+                    .query_opt("select $1 = any(gen_members) from mtm.status()", &[&id])
+                    .await?
+                    .map(|r| r.get(0));
+                if member != Some(false) {
+                    out = false;
+                }
+            }
+            if out {
+                break 'wait;
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("node {id} is still a member of the generation after {limit:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        self.nodes[i].dropped = true;
+        self.write_configs()?;
+        self.rolling_restart(&rest, limit).await?;
+        mm_runtime::pg::membership::drop_node(&self.config(rest[0])?, id as u8)
+            .await
+            .map_err(|e| anyhow!("mmctl drop-node {id}: {e}"))?;
+        Ok(())
+    }
+
+    /// Wait until node `i` reports `online`; fails early if its mmd exits.
+    pub async fn wait_node_online(&mut self, i: usize, limit: Duration) -> Result<()> {
+        self.wait_node_online_since(i, None, limit).await
+    }
+
+    async fn wait_node_online_since(
+        &mut self,
+        i: usize,
+        since: Option<&str>,
+        limit: Duration,
+    ) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Some(child) = self.nodes[i].child.as_mut() {
+                if let Ok(Some(st)) = child.try_wait() {
+                    bail!(
+                        "mmd of node {} exited ({st}); its log: {}\n{}",
+                        i + 1,
+                        self.nodes[i].log_path.display(),
+                        tail(&self.nodes[i].log_path, 20)
+                    );
+                }
+            }
+            let online = match since {
+                None => self.status(i).await.ok().as_deref() == Some("online"),
+                Some(t) => match self.pg.connect(i).await {
+                    Ok(c) => c
+                        .query_opt(
+                            "select 1 from mtm.status() where status = 'online' \
+                             and reported_at > $1::text::timestamptz",
+                            &[&t],
+                        )
+                        .await
+                        .map(|r| r.is_some())
+                        .unwrap_or(false),
+                    Err(_) => false,
+                },
+            };
+            if online {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("node {} is not online after {limit:?}", i + 1);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// Start node `i`'s mmd (0-based).
@@ -265,6 +424,9 @@ impl MmCluster {
         loop {
             let mut all = true;
             for i in 0..self.nodes.len() {
+                if self.nodes[i].dropped {
+                    continue;
+                }
                 if let Some(child) = self.nodes[i].child.as_mut() {
                     if let Ok(Some(st)) = child.try_wait() {
                         bail!(

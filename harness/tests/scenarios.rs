@@ -23,7 +23,7 @@ const LOG: &str = "info";
 
 /// The cluster under test, on either backend.
 enum Cluster {
-    Local(MmCluster),
+    Local(Box<MmCluster>),
     Docker(DockerCluster),
 }
 
@@ -31,18 +31,24 @@ impl Cluster {
     /// A local cluster, or `None` (the test skips, saying why) without
     /// PostgreSQL 15.
     async fn local(name: &str) -> Option<Cluster> {
+        Cluster::local_with(name, Vec::new()).await
+    }
+
+    /// A local cluster with extra `postgresql.conf` settings.
+    async fn local_with(name: &str, settings: Vec<(String, String)>) -> Option<Cluster> {
         pg_or_skip(name)?;
         find_mmd().expect("this test runs mmd: `cargo build --workspace --bins` first");
         let mut cfg = LocalClusterConfig::for_tests(name, 3);
         cfg.stop_on_signal = false;
+        cfg.extra_settings = settings;
         let opts = MmOptions {
             extra_config: "[timeouts]\nheartbeat_interval_ms = 100\nheartbeat_timeout_ms = 1000\n"
                 .into(),
             log: std::env::var("MM_LOG").unwrap_or(LOG.into()),
         };
-        Some(Cluster::Local(
+        Some(Cluster::Local(Box::new(
             MmCluster::start(cfg, opts).await.expect("cluster starts"),
-        ))
+        )))
     }
 
     /// A Docker cluster of the image `scripts/build-image.sh` builds, or
@@ -118,10 +124,15 @@ impl Cluster {
 
 /// Waits until `sql` (one bigint) reads the same on every node, directly.
 async fn same_everywhere(c: &Cluster, sql: &str) -> i64 {
+    same_on(c, &[0, 1, 2], sql).await
+}
+
+/// Waits until `sql` (one bigint) reads the same on `nodes`, directly.
+async fn same_on(c: &Cluster, nodes: &[usize], sql: &str) -> i64 {
     let t = Instant::now();
     loop {
         let mut seen = Vec::new();
-        for i in 0..3 {
+        for &i in nodes {
             let db = c.direct(i).await;
             seen.push(db.query_one(sql, &[]).await.unwrap().get::<_, i64>(0));
         }
@@ -316,6 +327,109 @@ async fn bank_readers_see_the_total_while_a_node_is_killed(mut c: Cluster) {
         "select ('x' || substr(md5(string_agg(id || ':' || balance, ',' order by id)), 1, 15))::bit(60)::bigint from mm_bank",
     )
     .await;
+}
+
+/// Bank transfers through nodes 1 and 3 while node 4 is added (`mmctl
+/// init` and `add-node`, a rolling restart of nodes 1–3 with the new
+/// configuration, then its mmd: an initial copy of a donor's snapshot and
+/// a catch-up) and node 2 is then dropped (stopped, out of the generation,
+/// removed from every configuration with a rolling restart, `mmctl
+/// drop-node`). Readers never see a wrong total, node 4 commits and ends
+/// with the same balances as nodes 1 and 3, the generation is {1, 3, 4},
+/// and no node keeps a slot for node 2.
+async fn add_and_drop_a_node_under_load(c: Cluster) {
+    const ACCOUNTS: i32 = 20;
+    const INITIAL: i64 = 1000;
+    let Cluster::Local(mut mm) = c else {
+        unreachable!("local only")
+    };
+    let n1 = mm.connect_proxy(0).await.unwrap();
+    n1.batch_execute(BANK_SCHEMA).await.unwrap();
+    n1.batch_execute(&bank_seed_sql(ACCOUNTS, INITIAL))
+        .await
+        .unwrap();
+    let proxies: Vec<String> = [0, 2]
+        .iter()
+        .map(|&i| mm.nodes[i].client_conninfo(mm.dbname()))
+        .collect();
+    let cfg = BankConfig::new(proxies, ACCOUNTS, INITIAL);
+    let expected = cfg.expected_total();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let stop = Stop::new(cancel.clone(), Duration::from_secs(600));
+    let bank = tokio::spawn(async move { run_bank(&cfg, stop).await });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let t = Instant::now();
+    let i4 = mm.add_node(Duration::from_secs(120)).await.unwrap();
+    eprintln!(
+        "node 4 added and online in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let log = std::fs::read_to_string(&mm.nodes[i4].log_path).unwrap();
+    assert!(log.contains("resync done"), "node 4 copied no snapshot");
+    let p4 = mm.connect_proxy(i4).await.unwrap();
+    p4.batch_execute(
+        "begin; update mm_bank set balance = balance - 5 where id = 1; \
+         update mm_bank set balance = balance + 5 where id = 2; commit",
+    )
+    .await
+    .expect("node 4 commits a transfer");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let t = Instant::now();
+    mm.drop_node(1, Duration::from_secs(120)).await.unwrap();
+    eprintln!("node 2 dropped in {:.1} s", t.elapsed().as_secs_f64());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    cancel.cancel();
+    let report = bank.await.unwrap();
+    eprintln!("{}", report.render());
+    assert_eq!(report.readers.violations, 0, "a reader saw a wrong total");
+    assert!(report.writers.committed > 0, "no transfer committed");
+
+    let c = Cluster::Local(mm);
+    let rest = [0, 2, 3];
+    let total = same_on(&c, &rest, "select sum(balance)::bigint from mm_bank").await;
+    assert_eq!(total, expected);
+    same_on(
+        &c,
+        &rest,
+        "select ('x' || substr(md5(string_agg(id || ':' || balance, ',' order by id)), 1, 15))::bit(60)::bigint from mm_bank",
+    )
+    .await;
+    assert_eq!(
+        same_on(&c, &rest, "select count(*) from pg_prepared_xacts").await,
+        0
+    );
+    let slots_for_2 = same_on(
+        &c,
+        &rest,
+        "select count(*) from pg_replication_slots where slot_name = 'mm_slot_for_2'",
+    )
+    .await;
+    assert_eq!(slots_for_2, 0, "a node keeps WAL for the dropped node");
+    let members = c
+        .direct(3)
+        .await
+        .query_one("select gen_members::text from mtm.status()", &[])
+        .await
+        .unwrap()
+        .get::<_, String>(0);
+    assert_eq!(members, "{1,3,4}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_add_and_drop_a_node_under_load() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    // Sized for four nodes from the start, as an operator would before
+    // adding one (`mmctl add-node` refuses otherwise, naming the settings).
+    let room = vec![
+        ("max_replication_slots".to_string(), "16".to_string()),
+        ("max_wal_senders".to_string(), "16".to_string()),
+        ("max_prepared_transactions".to_string(), "400".to_string()),
+    ];
+    if let Some(c) = Cluster::local_with("local_add_and_drop_a_node", room).await {
+        add_and_drop_a_node_under_load(c).await;
+    }
 }
 
 /// One test per scenario and backend; one cluster at a time.

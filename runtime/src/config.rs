@@ -35,6 +35,11 @@ use thiserror::Error;
 /// Largest cluster `mm_core::Config::try_new` accepts (sizes `1..MAX_NODES`).
 pub const MAX_CLUSTER_SIZE: usize = mm_core::ids::MAX_NODES - 1;
 
+/// Every sequence steps by this on every node (node `i` hands out values
+/// ≡ i mod it), as multimaster's `INCREMENT BY max_nodes`: a constant, so
+/// adding or dropping a node never makes two nodes' values collide.
+pub const SEQUENCE_STRIDE: usize = MAX_CLUSTER_SIZE;
+
 /// Why a configuration file was rejected. Every message names the key or
 /// value at fault.
 #[derive(Debug, Error)]
@@ -55,8 +60,8 @@ pub enum ConfigError {
     ClusterSize { count: usize },
     #[error("[[nodes]] lists id {id} more than once")]
     DuplicateNodeId { id: NodeId },
-    #[error("[[nodes]] ids must be exactly 1..={count} (one per node), got {ids:?}")]
-    NodeIdsNotContiguous { count: usize, ids: Vec<NodeId> },
+    #[error("[[nodes]] id {id} is outside 1..={MAX_CLUSTER_SIZE}")]
+    NodeIdOutOfRange { id: NodeId },
     #[error("node_id = {node_id} is not among the [[nodes]] ids {ids:?}")]
     NodeIdNotListed { node_id: NodeId, ids: Vec<NodeId> },
     #[error("nodes {a} and {b} have the same mesh address {addr}")]
@@ -341,8 +346,12 @@ impl NodeConfig {
             }
         }
         let ids: Vec<NodeId> = nodes.keys().copied().collect();
-        if ids.iter().copied().ne(1..=count as NodeId) {
-            return Err(ConfigError::NodeIdsNotContiguous { count, ids });
+        // Gaps are fine: a dropped node's id is not reused.
+        if let Some(&id) = ids
+            .iter()
+            .find(|&&id| id < 1 || id as usize > MAX_CLUSTER_SIZE)
+        {
+            return Err(ConfigError::NodeIdOutOfRange { id });
         }
         if !nodes.contains_key(&raw.node_id) {
             return Err(ConfigError::NodeIdNotListed {
@@ -468,7 +477,11 @@ impl NodeConfig {
     /// [`NodeConfig::parse`] (panics only if the public fields were later
     /// set to an impossible cluster).
     pub fn to_core_config(&self) -> mm_core::Config {
-        let mut c = mm_core::Config::try_new(self.node_id, self.nodes.len())
+        let mut ids = mm_core::NodeSet::EMPTY;
+        for &id in self.nodes.keys() {
+            ids.insert(id);
+        }
+        let mut c = mm_core::Config::try_with_nodes(self.node_id, ids)
             .unwrap_or_else(|e| panic!("NodeConfig was validated: {e}"));
         let t = &self.timeouts;
         c.tick_interval = Time::from_millis(t.tick_interval_ms);
@@ -479,6 +492,15 @@ impl NodeConfig {
         c.retry_interval = Time::from_millis(t.retry_interval_ms);
         c.catchup_timeout = Time::from_millis(t.catchup_timeout_ms);
         c
+    }
+
+    /// The largest configured node id (ids may have gaps).
+    pub fn largest_id(&self) -> NodeId {
+        self.nodes
+            .keys()
+            .next_back()
+            .copied()
+            .unwrap_or(self.node_id)
     }
 
     /// Every other node's mesh address.

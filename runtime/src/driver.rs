@@ -95,15 +95,32 @@ impl<S: Storage> Driver<S> {
     /// and get ready to run. `results` must be the channel `storage` reports on.
     pub async fn start(
         cfg: Config,
-        mut storage: S,
+        storage: S,
         mesh: Mesh,
         inbox: mpsc::Receiver<(NodeId, Message)>,
         results: (mpsc::UnboundedSender<Input>, mpsc::UnboundedReceiver<Input>),
     ) -> Result<(Driver<S>, DriverHandle), DriverError> {
+        Self::start_as(cfg, storage, mesh, inbox, results, false).await
+    }
+
+    /// As [`Self::start`]; `joining`: a fresh node added to a running
+    /// cluster (`mmctl add-node`) starts as a member of no generation.
+    pub async fn start_as(
+        cfg: Config,
+        mut storage: S,
+        mesh: Mesh,
+        inbox: mpsc::Receiver<(NodeId, Message)>,
+        results: (mpsc::UnboundedSender<Input>, mpsc::UnboundedReceiver<Input>),
+        joining: bool,
+    ) -> Result<(Driver<S>, DriverHandle), DriverError> {
         let epoch = Instant::now();
         let node = match storage.load().await? {
             Loaded::Fresh => {
-                let node = Node::new(cfg, Time::ZERO);
+                let node = if joining {
+                    Node::new_joiner(cfg, Time::ZERO)
+                } else {
+                    Node::new(cfg, Time::ZERO)
+                };
                 // Make the bootstrap state durable before the node says anything.
                 let d = node.durable().clone();
                 for op in [

@@ -89,6 +89,12 @@ async fn write(
         ],
     )
     .await?;
+    // A node dropped from the configuration leaves no stale row.
+    c.execute(
+        "DELETE FROM mm.nodes_now WHERE id <> ALL($1)",
+        &[&configured],
+    )
+    .await?;
     for n in cfg.nodes.values() {
         let me = n.id == cfg.node_id;
         c.execute(

@@ -129,7 +129,7 @@ impl Storage for MemStorage {
         let n = s.nodes;
         let db = s.dbs.get_mut(&self.id).expect("registered");
         db.durable
-            .get_or_insert_with(|| DurableState::bootstrap(n))
+            .get_or_insert_with(|| DurableState::bootstrap(mm_core::NodeSet::first_n(n)))
             .apply(op);
         Ok(())
     }

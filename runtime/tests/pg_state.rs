@@ -193,9 +193,11 @@ async fn fresh_then_op_sequences_round_trip() {
 
     // A bootstrap that crashed half way is still Fresh.
     s.persist(&DurableOp::Boot(0)).await.unwrap();
-    s.persist(&DurableOp::AdoptGen(DurableState::bootstrap(3).gen))
-        .await
-        .unwrap();
+    s.persist(&DurableOp::AdoptGen(
+        DurableState::bootstrap(mm_core::NodeSet::first_n(3)).gen,
+    ))
+    .await
+    .unwrap();
     assert!(matches!(s.load().await.unwrap(), Loaded::Fresh));
 
     for (name, ops) in sequences() {
@@ -203,7 +205,7 @@ async fn fresh_then_op_sequences_round_trip() {
             .batch_execute("TRUNCATE mm.node_state, mm.tx_state")
             .await
             .unwrap();
-        let mut mem = DurableState::bootstrap(3);
+        let mut mem = DurableState::bootstrap(mm_core::NodeSet::first_n(3));
         for op in bootstrap_ops(&mem).iter().chain(&ops) {
             s.persist(op)
                 .await
@@ -271,7 +273,7 @@ async fn load_lists_only_mm_gids_of_this_database() {
     let t0 = Instant::now();
     let cluster = one_node("pg_state_prepared").await;
     let mut s = store(&cluster).await;
-    for op in bootstrap_ops(&DurableState::bootstrap(3)) {
+    for op in bootstrap_ops(&DurableState::bootstrap(mm_core::NodeSet::first_n(3))) {
         s.persist(&op).await.unwrap();
     }
     let admin = cluster.connect(0).await.unwrap();
@@ -300,7 +302,10 @@ async fn load_lists_only_mm_gids_of_this_database() {
     .unwrap();
 
     let (durable, prepared) = existing(s.load().await.unwrap());
-    assert_eq!(durable, DurableState::bootstrap(3));
+    assert_eq!(
+        durable,
+        DurableState::bootstrap(mm_core::NodeSet::first_n(3))
+    );
     assert_eq!(prepared, vec![gid(2, 0, 5, 3)]);
     assert_eq!(s.prepared_gids().await.unwrap(), vec![gid(2, 0, 5, 3)]);
 
@@ -326,7 +331,7 @@ async fn lost_connection_is_a_clean_error() {
     let t0 = Instant::now();
     let mut cluster = one_node("pg_state_restart").await;
     let mut s = store(&cluster).await;
-    let mut mem = DurableState::bootstrap(3);
+    let mut mem = DurableState::bootstrap(mm_core::NodeSet::first_n(3));
     for op in bootstrap_ops(&mem) {
         s.persist(&op).await.unwrap();
     }

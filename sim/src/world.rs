@@ -197,7 +197,7 @@ impl World {
         let slots = (1..=n)
             .map(|id| Slot {
                 node: None,
-                durable: mm_core::DurableState::bootstrap(n),
+                durable: mm_core::DurableState::bootstrap(mm_core::NodeSet::first_n(n)),
                 db: Db::new(),
                 clock: params.faults.clocks[id],
                 inc: 0,

@@ -291,6 +291,59 @@ impl LocalCluster {
         Ok(cluster)
     }
 
+    /// initdb and start one more server (node `len + 1`), with the same
+    /// settings, sized for the larger cluster, and the same database;
+    /// returns its index. Link cuts do not cover it.
+    pub async fn add_node(&mut self) -> Result<usize> {
+        let i = self.nodes.len();
+        let port = free_ports(1)?[0];
+        let dbname = self.nodes[0].dbname.clone();
+        let dir = self.work_dir.join(format!("node{}", i + 1));
+        std::fs::create_dir_all(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
+        self.run_as.chown(&dir)?;
+        let node = LocalNode {
+            id: i + 1,
+            port,
+            data_dir: dir.join("data"),
+            socket_dir: dir.clone(),
+            log_file: dir.join("postgres.log"),
+            dir,
+            dbname: dbname.clone(),
+            running: false,
+        };
+        check_socket_path(&node)?;
+        let mut cmd = self.run_as.command(&self.bin.tool("initdb"));
+        cmd.arg("-D")
+            .arg(&node.data_dir)
+            .args(["-U", SUPERUSER, "-A", "trust", "-E", "UTF8", "--locale=C"])
+            .current_dir(&node.dir);
+        if !self.fsync {
+            cmd.arg("--no-sync");
+        }
+        let name = node.name();
+        tokio::task::spawn_blocking(move || run_checked(cmd, &format!("initdb {name}")))
+            .await
+            .context("initdb task")?
+            .context(self.permission_hint())?;
+        self.nodes.push(node);
+        self.req.nodes += 1;
+        self.start_node(i).await?;
+        if dbname != "postgres" {
+            let mut admin = self.nodes[i].clone();
+            admin.dbname = "postgres".into();
+            admin
+                .connect()
+                .await?
+                .batch_execute(&format!(
+                    "CREATE DATABASE \"{}\"",
+                    dbname.replace('"', "\"\"")
+                ))
+                .await
+                .with_context(|| format!("createdb {dbname} on {}", self.nodes[i].name()))?;
+        }
+        Ok(i)
+    }
+
     pub fn nodes(&self) -> &[LocalNode] {
         &self.nodes
     }

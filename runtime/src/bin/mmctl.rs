@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 use mm_runtime::config::NodeConfig;
 use mm_runtime::pg::init::{init_node, InitError};
+use mm_runtime::pg::membership::{add_node, drop_node};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -22,6 +23,31 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Prepare this new node to join a running cluster (after `init`, with a
+    /// configuration listing every node): creates its slot on every peer and
+    /// asks its mmd for an initial copy of a donor's database. Then restart
+    /// the other nodes' mmd with the new configuration one at a time, and
+    /// start this node's mmd.
+    AddNode {
+        /// The new node's TOML configuration.
+        #[arg(long)]
+        config: PathBuf,
+        /// Go on even though this node's database has tables (they are replaced).
+        #[arg(long)]
+        discard_local_data: bool,
+    },
+    /// Remove a node from the cluster for good: drops its slots and
+    /// replication origins on every remaining node. Stop the node and
+    /// remove it from every remaining configuration (restarting each mmd
+    /// one at a time) first.
+    DropNode {
+        /// A remaining node's TOML configuration (no longer listing the node).
+        #[arg(long)]
+        config: PathBuf,
+        /// The id of the node to drop.
+        #[arg(long)]
+        id: mm_core::NodeId,
+    },
     /// Show the node's view of the cluster: its status and generation, and
     /// per node the connections and the slot retention (from `mtm.status()`
     /// and `mtm.nodes()` in the node's PostgreSQL).
@@ -36,6 +62,41 @@ enum Cmd {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::AddNode {
+            config,
+            discard_local_data,
+        } => {
+            let cfg = match NodeConfig::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("mmctl: {}: {e}", config.display());
+                    return ExitCode::from(2);
+                }
+            };
+            report(
+                "add-node",
+                add_node(&cfg, discard_local_data).await,
+                &format!(
+                    "node {} is ready to join: restart every other node's mmd with a \
+                     configuration listing it, one at a time, then start its mmd",
+                    cfg.node_id
+                ),
+            )
+        }
+        Cmd::DropNode { config, id } => {
+            let cfg = match NodeConfig::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("mmctl: {}: {e}", config.display());
+                    return ExitCode::from(2);
+                }
+            };
+            report(
+                "drop-node",
+                drop_node(&cfg, id).await,
+                &format!("node {id} is no longer part of the cluster"),
+            )
+        }
         Cmd::Status { config } => {
             let cfg = match NodeConfig::load(&config) {
                 Ok(c) => c,
@@ -84,6 +145,22 @@ async fn main() -> ExitCode {
                     ExitCode::from(1)
                 }
             }
+        }
+    }
+}
+
+fn report(what: &str, r: Result<Vec<String>, String>, done: &str) -> ExitCode {
+    match r {
+        Ok(lines) => {
+            for l in lines {
+                println!("{l}");
+            }
+            println!("{done}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("mmctl {what}: {e}");
+            ExitCode::from(1)
         }
     }
 }

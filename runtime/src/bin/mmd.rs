@@ -9,7 +9,7 @@ use mm_runtime::mesh::{Mesh, MeshConfig};
 use mm_runtime::pg::adapter::PgStorage;
 use mm_runtime::pg::hub::Hub;
 use mm_runtime::pg::receiver::{run_receiver, ReceiverSettings};
-use mm_runtime::pg::resync::{find_pg_dump, run_resync, ResyncSettings};
+use mm_runtime::pg::resync::{find_pg_dump, initial_copy_requested, run_resync, ResyncSettings};
 use mm_runtime::proxy::backend::BackendAddr;
 use mm_runtime::proxy::{serve, ProxyContext};
 use mm_runtime::status::run_status_writer;
@@ -104,16 +104,34 @@ async fn run(cfg: NodeConfig) -> Result<(), String> {
     let (mesh, inbox) = Mesh::start(mesh_cfg)
         .await
         .map_err(|e| format!("cannot listen on {} for the mesh: {e}", cfg.listen.mesh))?;
+    let mut joining = false;
+    match initial_copy_requested(&cfg.postgres.conninfo).await {
+        Ok(Some(reason)) => {
+            joining = true;
+            tracing::warn!(
+                "this node's database will be replaced by a donor's snapshot before it streams \
+                 anything ({reason}); it stays out of `online` until then"
+            );
+            hub.hold_for_initial_copy();
+        }
+        Ok(None) => {}
+        Err(e) => return Err(format!("reading mm.resync_request: {e} (run `mmctl init`)")),
+    }
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let (driver, handle) =
-        Driver::start(cfg.to_core_config(), storage, mesh, inbox, (tx.clone(), rx))
-            .await
-            .map_err(|e| format!("{e} (did `mmctl init` prepare this node?)"))?;
+    let (driver, handle) = Driver::start_as(
+        cfg.to_core_config(),
+        storage,
+        mesh,
+        inbox,
+        (tx.clone(), rx),
+        joining,
+    )
+    .await
+    .map_err(|e| format!("{e} (did `mmctl init` prepare this node?)"))?;
 
     tokio::spawn(run_resync(
         ResyncSettings {
             me: cfg.node_id,
-            nodes: cfg.nodes.len(),
             local_conninfo: cfg.postgres.conninfo.clone(),
             peers: peers.clone(),
             pg_dump: find_pg_dump(),
@@ -127,7 +145,6 @@ async fn run(cfg: NodeConfig) -> Result<(), String> {
             peer,
             peer_conninfo: conninfo,
             local_conninfo: cfg.postgres.conninfo.clone(),
-            nodes: cfg.nodes.len(),
         };
         tokio::spawn(run_receiver(s, hub.clone(), tx.clone()));
     }

@@ -34,7 +34,8 @@ impl PgStorage {
         let settings = ApplierSettings {
             conninfo: conninfo.clone(),
             lock_timeout_ms: cfg.data_plane.lock_timeout_ms,
-            nodes: cfg.nodes.len(),
+            // The crossing-write ranking rotates over ids up to the largest.
+            nodes: cfg.largest_id() as usize,
             node_id: cfg.node_id,
         };
         let mut appliers = BTreeMap::new();

@@ -58,7 +58,9 @@ pub async fn run_applier(
         }
         let ok = loop {
             if client.as_ref().is_none_or(|c| c.is_closed()) {
-                match origin_session(&settings.conninfo, &origin, false).await {
+                // Created if missing: a node added later has no origins on
+                // the nodes that were there before it.
+                match origin_session(&settings.conninfo, &origin, true).await {
                     Ok(c) => client = Some(c),
                     Err(e) => {
                         tracing::warn!(peer, worker = k, "applier cannot connect: {e}");
@@ -133,7 +135,7 @@ async fn apply(c: &Client, tx: &RemoteTx, s: &ApplierSettings) -> Result<(), Str
         s.nodes,
         priority_epoch(),
     );
-    let (body, stmts) = replay_body(tx, wait, s.nodes, s.node_id)?;
+    let (body, stmts) = replay_body(tx, wait, s.node_id)?;
     // PREPARE in the same round trip; if a row count then shows this node
     // lacks a row, undo the prepared copy and vote no.
     let gid = quote_literal(&tx.gid.to_string());
@@ -194,7 +196,6 @@ pub fn priority_epoch() -> u64 {
 pub fn replay_body(
     tx: &RemoteTx,
     lock_timeout_ms: u64,
-    nodes: usize,
     node_id: NodeId,
 ) -> Result<(String, Vec<Stmt>), String> {
     let mut stmts = Vec::new();
@@ -210,7 +211,8 @@ pub fn replay_body(
     }
     if ddl {
         sql.push_str(&format!(
-            ";\nSELECT mm.adjust_sequences({nodes}, {node_id})"
+            ";\nSELECT mm.adjust_sequences({}, {node_id})",
+            crate::config::SEQUENCE_STRIDE
         ));
     }
     sql.push_str(";\n");

@@ -32,6 +32,17 @@ BEGIN
 END
 $fn$;
 
+-- The origin records its own transaction in mm.applied_tx inside it, as
+-- appliers and replays do, so mm.applied_tx lists every transaction this
+-- database holds and a donor's copy of it tells a resynced node what its
+-- copy holds, whatever the origin. SECURITY DEFINER: client sessions run
+-- as any user.
+CREATE OR REPLACE FUNCTION mm.record_tx(text, bigint) RETURNS void
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog AS $fn$
+    INSERT INTO mm.applied_tx (gid, gen) VALUES ($1, $2)
+$fn$;
+GRANT USAGE ON SCHEMA mm TO PUBLIC;
+
 CREATE UNLOGGED TABLE IF NOT EXISTS mm.status_now (
     singleton bool PRIMARY KEY DEFAULT true CHECK (singleton),
     my_node_id int NOT NULL,

@@ -54,6 +54,8 @@ pub struct Hub {
     resync_wanted: AtomicBool,
     /// A resync is replacing this node's database: receivers stay down.
     resyncing: AtomicBool,
+    /// An initial copy is pending (`mmctl add-node`): receivers wait for it.
+    held: AtomicBool,
     resync_changed: Notify,
 }
 
@@ -85,11 +87,17 @@ impl Hub {
     pub async fn resync_requested(&self) {
         self.wait_resync_flag(|h| h.resync_wanted()).await
     }
+    /// This node must copy a donor's database before streaming anything.
+    pub fn hold_for_initial_copy(&self) {
+        self.held.store(true, Ordering::Release);
+        self.want_resync();
+    }
     /// A resync starts (`true`, receivers go down) or ended (`false`);
     /// one that succeeded clears the request.
     pub fn set_resyncing(&self, on: bool, done: bool) {
         if done {
             self.resync_wanted.store(false, Ordering::Release);
+            self.held.store(false, Ordering::Release);
         }
         self.resyncing.store(on, Ordering::Release);
         self.resync_changed.notify_waiters();
@@ -97,13 +105,16 @@ impl Hub {
     pub fn resyncing(&self) -> bool {
         self.resyncing.load(Ordering::Acquire)
     }
+    fn held(&self) -> bool {
+        self.held.load(Ordering::Acquire)
+    }
     /// Resolves once a resync is under way (for receivers to stop).
     pub async fn resync_started(&self) {
         self.wait_resync_flag(|h| h.resyncing()).await
     }
-    /// Resolves once no resync is under way.
+    /// Resolves once no resync is under way or pending as an initial copy.
     pub async fn resync_finished(&self) {
-        self.wait_resync_flag(|h| !h.resyncing()).await
+        self.wait_resync_flag(|h| !h.resyncing() && !h.held()).await
     }
     async fn wait_resync_flag(&self, done: impl Fn(&Hub) -> bool) {
         loop {

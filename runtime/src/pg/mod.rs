@@ -7,7 +7,8 @@
 //!   [`replay`] applies committed transactions this node missed;
 //!   [`resync`] replaces the database with a donor's snapshot when a slot
 //!   this node needed was invalidated;
-//! - [`init`], [`prereq`]: `mmctl init`;
+//! - [`init`], [`prereq`]: `mmctl init`; [`membership`]: `mmctl add-node`
+//!   and `drop-node`;
 //! - [`state`]: the durable protocol state (`mm_core::DurableState`) in the
 //!   `mm` schema of the local database, and the prepared mm transactions
 //!   PostgreSQL holds (`pg_prepared_xacts`).
@@ -18,6 +19,7 @@ pub mod finisher;
 pub mod functions;
 pub mod hub;
 pub mod init;
+pub mod membership;
 pub mod prereq;
 pub mod receiver;
 pub mod remote_tx;

@@ -34,7 +34,6 @@ pub struct ReceiverSettings {
     pub peer_conninfo: String,
     /// This node's own PostgreSQL, for replays.
     pub local_conninfo: String,
-    pub nodes: usize,
 }
 
 /// Stream from `peer` forever, reconnecting with backoff.
@@ -138,7 +137,7 @@ async fn stream_once(
     // land out of order). Once the core is online in a later generation, a
     // catch-up from some donor covered them: they are only checked.
     let mut to_replay: Vec<RemoteTx> = Vec::new();
-    let mut replayer = Replayer::new(s.local_conninfo.clone(), s.peer, s.nodes, s.me);
+    let mut replayer = Replayer::new(s.local_conninfo.clone(), s.peer, s.me);
     let mut outside_mm_warned = false;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -27,17 +27,15 @@ pub fn replay_origin(peer: NodeId) -> String {
 pub struct Replayer {
     conninfo: String,
     origin: String,
-    nodes: usize,
     node_id: NodeId,
     client: Option<Client>,
 }
 
 impl Replayer {
-    pub fn new(conninfo: String, peer: NodeId, nodes: usize, node_id: NodeId) -> Replayer {
+    pub fn new(conninfo: String, peer: NodeId, node_id: NodeId) -> Replayer {
         Replayer {
             conninfo,
             origin: replay_origin(peer),
-            nodes,
             node_id,
             client: None,
         }
@@ -71,7 +69,7 @@ impl Replayer {
         if held {
             return Ok(false);
         }
-        let (body, stmts) = replay_body(tx, REPLAY_LOCK_TIMEOUT_MS, self.nodes, self.node_id)?;
+        let (body, stmts) = replay_body(tx, REPLAY_LOCK_TIMEOUT_MS, self.node_id)?;
         // Prepared and committed under its gid, so this node's own stream
         // carries it as the same transaction to a node catching up from here.
         let msgs = match c

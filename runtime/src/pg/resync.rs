@@ -44,10 +44,19 @@ const OWN_SCHEMAS: &str = "('mm', 'mtm', 'information_schema')";
 
 pub struct ResyncSettings {
     pub me: NodeId,
-    pub nodes: usize,
     pub local_conninfo: String,
     pub peers: Vec<(NodeId, String)>,
     pub pg_dump: PathBuf,
+}
+
+/// Whether `mmctl add-node` asked for an initial copy (`mm.resync_request`).
+pub async fn initial_copy_requested(conninfo: &str) -> Result<Option<String>, String> {
+    let c = connect(conninfo).await?;
+    let row = c
+        .query_opt("select reason from mm.resync_request", &[])
+        .await
+        .map_err(|e| pg_message(&e))?;
+    Ok(row.map(|r| r.get(0)))
 }
 
 /// `pg_dump` of the PostgreSQL 15 install, else the one on `PATH`.
@@ -376,7 +385,7 @@ async fn copy_snapshot(
             rows += copy_table(&donor, &local, &name, &name).await?;
         }
         local
-            .batch_execute("TRUNCATE mm.applied_tx")
+            .batch_execute("DELETE FROM mm.resync_request; TRUNCATE mm.applied_tx")
             .await
             .map_err(sql("clearing mm.applied_tx"))?;
         copy_table(&donor, &local, "mm.applied_tx", "mm.applied_tx").await?;
@@ -384,11 +393,11 @@ async fn copy_snapshot(
         let donor_seqs = sequences(&donor).await?;
         for (name, last) in &donor_seqs {
             let used = own_seqs.get(name).copied().flatten().max(*last);
-            let next = next_own_value(used, s.nodes as i64, i64::from(s.me));
+            let stride = crate::config::SEQUENCE_STRIDE;
+            let next = next_own_value(used, stride as i64, i64::from(s.me));
             local
                 .batch_execute(&format!(
-                    "ALTER SEQUENCE {name} INCREMENT BY {} MINVALUE 1 RESTART WITH {next}",
-                    s.nodes
+                    "ALTER SEQUENCE {name} INCREMENT BY {stride} MINVALUE 1 RESTART WITH {next}"
                 ))
                 .await
                 .map_err(sql("setting a sequence"))?;

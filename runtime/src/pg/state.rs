@@ -56,11 +56,19 @@ CREATE TABLE IF NOT EXISTS mm.node_state (
     gen_donors bigint,
     last_online_gen bigint
 );
--- Every remote transaction applied here, written inside it: a replay of a
--- missed transaction skips one that is already here.
+-- Every mm transaction this database holds, written inside it (by the
+-- origin, an applier or a replay): a replay skips one that is already here,
+-- and a resynced node's copy of it says what the copy holds.
 CREATE TABLE IF NOT EXISTS mm.applied_tx (
     gid text PRIMARY KEY,
     gen bigint NOT NULL
+);
+-- Set by `mmctl add-node`: replace this database with a donor's snapshot
+-- before streaming anything; the copy deletes it in its own transaction.
+CREATE TABLE IF NOT EXISTS mm.resync_request (
+    singleton bool PRIMARY KEY DEFAULT true CHECK (singleton),
+    reason text NOT NULL,
+    requested_at timestamptz NOT NULL DEFAULT now()
 );
 CREATE TABLE IF NOT EXISTS mm.tx_state (
     gid text PRIMARY KEY,

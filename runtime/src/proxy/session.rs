@@ -913,7 +913,8 @@ impl Session {
         if self.had_ddl {
             let sql = format!(
                 "SELECT mm.adjust_sequences({}, {})",
-                self.ctx.nodes, self.ctx.node_id
+                crate::config::SEQUENCE_STRIDE,
+                self.ctx.node_id
             );
             let r = self.internal(&sql).await?;
             if let Some(e) = r.error {
@@ -978,9 +979,11 @@ impl Session {
         match cmd {
             SessionCmd::Prepare { gid, results } => {
                 let sql = format!(
-                    "SELECT pg_logical_emit_message(true, {}, ''); PREPARE TRANSACTION {}",
+                    "SELECT mm.record_tx({gid_text}, {}); \
+                     SELECT pg_logical_emit_message(true, {}, ''); PREPARE TRANSACTION {gid_text}",
+                    gid.gen,
                     quote_literal(TX_PREFIX),
-                    quote_literal(&gid.to_string())
+                    gid_text = quote_literal(&gid.to_string())
                 );
                 let r = self.internal(&sql).await?;
                 let ok = r.error.is_none();
