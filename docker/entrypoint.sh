@@ -6,8 +6,11 @@
 #      (the image is for test clusters on a private Docker network);
 #   2. start PostgreSQL (after removing lock files a killed container left:
 #      no postmaster can be running when this script starts);
-#   3. if $MM_CONFIG_TOML is set, write it to $MM_CONFIG; if $MM_CONFIG exists
-#      and init was not done yet, run `mmctl init --config $MM_CONFIG`;
+#   3. if $MM_CONFIG_TOML is set and $MM_CONFIG does not exist yet, write it
+#      there (an operator may edit $MM_CONFIG later: adding a node changes
+#      every config); if $MM_CONFIG exists and init was not done yet, run
+#      `mmctl init --config $MM_CONFIG`, and with MM_ADD_NODE=1 then
+#      `mmctl add-node` (a node joining a running cluster);
 #   4. run `mmd --config $MM_CONFIG` (without a config: PostgreSQL alone).
 #
 # This script stays PID 1 and supervises: SIGTERM/SIGINT (`docker stop`) stop
@@ -91,7 +94,7 @@ stop_pg() {
         as_pg "$PGBIN/pg_ctl" -D "$PGDATA" -m immediate stop >/dev/null 2>&1 || true
 }
 
-if [ -n "${MM_CONFIG_TOML:-}" ]; then
+if [ -n "${MM_CONFIG_TOML:-}" ] && [ ! -f "$MM_CONFIG" ]; then
     printf '%s\n' "$MM_CONFIG_TOML" >"$MM_CONFIG"
 fi
 
@@ -110,6 +113,14 @@ if [ ! -f "$MM_INIT_MARKER" ]; then
         log "mmctl init failed"
         stop_pg
         exit 1
+    fi
+    if [ "${MM_ADD_NODE:-0}" = 1 ]; then
+        log "mmctl add-node --config $MM_CONFIG"
+        if ! mmctl add-node --config "$MM_CONFIG"; then
+            log "mmctl add-node failed"
+            stop_pg
+            exit 1
+        fi
     fi
     touch "$MM_INIT_MARKER"
 fi

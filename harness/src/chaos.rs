@@ -536,7 +536,7 @@ pub async fn run_chaos(opts: &ChaosOptions, progress: &dyn Fn(&str)) -> Result<C
 /// The cluster under test, on either backend.
 enum Target {
     Local(Box<MmCluster>),
-    Docker(DockerCluster),
+    Docker(Box<DockerCluster>),
 }
 
 impl Target {
@@ -558,7 +558,7 @@ impl Target {
                 let c = DockerCluster::start(DockerClusterConfig::for_tests(opts.nodes)).await?;
                 let names: Vec<&str> = c.nodes().iter().map(|n| n.container.as_str()).collect();
                 progress(&format!("cluster online: containers {}", names.join(", ")));
-                Ok(Target::Docker(c))
+                Ok(Target::Docker(Box::new(c)))
             }
         }
     }

@@ -89,6 +89,8 @@ pub struct DockerNode {
     /// The host ports it is published on, chosen once: clients keep their
     /// connection strings across a restart.
     pinned: (u16, u16),
+    /// Removed from the cluster ([`DockerCluster::drop_node`]).
+    pub dropped: bool,
 }
 
 /// A node's view of the cluster, from `mtm.status()`.
@@ -110,6 +112,7 @@ pub struct DockerCluster {
     /// Links cut with [`cut_link`](Self::cut_link), as (i, j) with i < j.
     cut: Vec<(usize, usize)>,
     keep: bool,
+    cfg: DockerClusterConfig,
 }
 
 /// Why Docker tests cannot run here (no CLI, no daemon, no image), or `Ok`.
@@ -151,12 +154,14 @@ impl DockerCluster {
                     pg_host_port: None,
                     client_host_port: None,
                     pinned: (0, 0),
+                    dropped: false,
                 })
                 .collect(),
             name,
             docker,
             cut: Vec::new(),
             keep: std::env::var("MM_DOCKER_KEEP").is_ok_and(|v| v == "1"),
+            cfg: cfg.clone(),
         };
         // From here on, Drop cleans up if anything fails.
         for i in 0..cfg.nodes {
@@ -165,7 +170,7 @@ impl DockerCluster {
                 crate::mm_cluster::free_port()?,
             );
             let toml = cluster.node_config(i, &cfg.extra_config)?;
-            cluster.run_container(i, &cfg, &toml).await?;
+            cluster.run_container(i, &cfg, &toml, &[]).await?;
         }
         for i in 0..cfg.nodes {
             cluster.refresh_ports(i).await?;
@@ -241,12 +246,15 @@ impl DockerCluster {
     /// `online` a moment before the generation that includes it is adopted);
     /// fails early, with its log, when a container exits.
     pub async fn wait_online(&mut self, limit: Duration) -> Result<()> {
-        let n = self.nodes.len() as i64;
+        let n = self.nodes.iter().filter(|n| !n.dropped).count() as i64;
         let deadline = Instant::now() + limit;
         loop {
             let mut waiting = Vec::new();
             let mut gens = Vec::new();
             for i in 0..self.nodes.len() {
+                if self.nodes[i].dropped {
+                    continue;
+                }
                 if !self.is_running(i).await? {
                     bail!(
                         "container {} is not running; its last log lines:\n{}",
@@ -468,7 +476,7 @@ impl DockerCluster {
     /// The TOML config of node `i`, validated with mmd's own parser.
     fn node_config(&self, i: usize, extra: &str) -> Result<String> {
         let mut peers = String::new();
-        for n in &self.nodes {
+        for n in self.nodes.iter().filter(|n| !n.dropped) {
             peers.push_str(&format!(
                 "[[nodes]]\nid = {}\nmesh = \"{}:{MESH_PORT}\"\n\
                  postgres = \"host={} port={PG_PORT} user=postgres dbname=postgres\"\n\n",
@@ -487,15 +495,22 @@ impl DockerCluster {
         Ok(text)
     }
 
-    async fn run_container(&self, i: usize, cfg: &DockerClusterConfig, toml: &str) -> Result<()> {
+    async fn run_container(
+        &self,
+        i: usize,
+        cfg: &DockerClusterConfig,
+        toml: &str,
+        more_env: &[&str],
+    ) -> Result<()> {
         let node = &self.nodes[i];
         let ip = node.ip.to_string();
-        let env = [
+        let mut env = vec![
             format!("MM_CONFIG_TOML={toml}"),
             format!("MM_MAX_NODES={}", cfg.nodes.max(5)),
             format!("MM_PG_FSYNC={}", if cfg.fsync { "on" } else { "off" }),
             format!("RUST_LOG={}", cfg.log),
         ];
+        env.extend(more_env.iter().map(|e| e.to_string()));
         let (pg_host, client_host) = node.pinned;
         let pg_publish = format!("127.0.0.1:{pg_host}:{PG_PORT}");
         let client_publish = format!("127.0.0.1:{client_host}:{CLIENT_PORT}");
@@ -532,6 +547,147 @@ impl DockerCluster {
             .run(&args)
             .await
             .with_context(|| format!("starting node {}", node.id))?;
+        Ok(())
+    }
+
+    // ---- adding and dropping nodes ----------------------------------------
+
+    /// Add a node under the next id, as an operator would: a new container
+    /// whose entrypoint runs `mmctl init` and `mmctl add-node`, then every
+    /// other node's config rewritten to list it and their containers
+    /// restarted one at a time. Returns its index once every node is online.
+    pub async fn add_node(&mut self, limit: Duration) -> Result<usize> {
+        let i = self.nodes.len();
+        let id = i + 1;
+        let o = self.nodes[0].ip.octets();
+        self.nodes.push(DockerNode {
+            id,
+            container: format!("{}-n{id}", self.name),
+            ip: Ipv4Addr::new(o[0], o[1], o[2], 10 + id as u8),
+            pg_host_port: None,
+            client_host_port: None,
+            pinned: (
+                crate::mm_cluster::free_port()?,
+                crate::mm_cluster::free_port()?,
+            ),
+            dropped: false,
+        });
+        let toml = self.node_config(i, &self.cfg.extra_config)?;
+        let cfg = self.cfg.clone();
+        self.run_container(i, &cfg, &toml, &["MM_ADD_NODE=1"])
+            .await?;
+        self.refresh_ports(i).await?;
+        let others: Vec<usize> = (0..i).filter(|&j| !self.nodes[j].dropped).collect();
+        self.rolling_restart(&others, limit).await?;
+        self.wait_online(limit).await?;
+        Ok(i)
+    }
+
+    /// Drop node `i` for good: stop its container, wait for a generation
+    /// without it, rewrite the others' configs with a rolling restart, then
+    /// `mmctl drop-node` in a remaining container.
+    pub async fn drop_node(&mut self, i: usize, limit: Duration) -> Result<()> {
+        self.stop_node(i).await?;
+        let id = self.nodes[i].id as i32;
+        let rest: Vec<usize> = (0..self.nodes.len())
+            .filter(|&j| j != i && !self.nodes[j].dropped)
+            .collect();
+        let deadline = Instant::now() + limit;
+        loop {
+            let mut out = true;
+            for &j in &rest {
+                let member: Option<bool> = match self.connect_pg(j).await {
+                    Ok(c) => c
+                        .query_opt("select $1 = any(gen_members) from mtm.status()", &[&id])
+                        .await?
+                        .map(|r| r.get(0)),
+                    Err(_) => None,
+                };
+                out &= member == Some(false);
+            }
+            if out {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("node {id} is still a member of the generation after {limit:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        self.nodes[i].dropped = true;
+        self.rolling_restart(&rest, limit).await?;
+        let c = self.nodes[rest[0]].container.clone();
+        let id = id.to_string();
+        self.docker
+            .run(&[
+                "exec",
+                &c,
+                "mmctl",
+                "drop-node",
+                "--config",
+                "/etc/mm/mmd.toml",
+                "--id",
+                &id,
+            ])
+            .await
+            .with_context(|| format!("mmctl drop-node {id}"))?;
+        Ok(())
+    }
+
+    /// Write each node's current config into its container and restart
+    /// the containers one at a time, each back `online` (by a report made
+    /// after its restart) before the next.
+    async fn rolling_restart(&mut self, which: &[usize], limit: Duration) -> Result<()> {
+        for &i in which {
+            let toml = self.node_config(i, &self.cfg.extra_config)?;
+            let c = self.nodes[i].container.clone();
+            let env = format!("MM_NEW_CONFIG={toml}");
+            self.docker
+                .run(&[
+                    "exec",
+                    "-e",
+                    &env,
+                    &c,
+                    "sh",
+                    "-c",
+                    "printf '%s\\n' \"$MM_NEW_CONFIG\" > /etc/mm/mmd.toml",
+                ])
+                .await
+                .with_context(|| format!("writing the config of node {}", i + 1))?;
+            let since: String = self
+                .connect_pg(i)
+                .await?
+                .query_one("select now()::text", &[])
+                .await?
+                .get(0);
+            self.stop_node(i).await?;
+            self.start_node(i).await?;
+            let deadline = Instant::now() + limit;
+            loop {
+                let online = match self.connect_pg(i).await {
+                    Ok(c) => c
+                        .query_opt(
+                            "select 1 from mtm.status() where status = 'online' \
+                             and reported_at > $1::text::timestamptz",
+                            &[&since],
+                        )
+                        .await
+                        .map(|r| r.is_some())
+                        .unwrap_or(false),
+                    Err(_) => false,
+                };
+                if online {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "node {} is not online {limit:?} after its restart; its log:\n{}",
+                        i + 1,
+                        self.logs_tail(i, 30).await
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
         Ok(())
     }
 
