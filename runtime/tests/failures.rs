@@ -484,3 +484,83 @@ async fn an_invalidated_slot_is_resynced_from_a_donor_snapshot() {
         assert!(counts.iter().all(|n| *n == counts[0]), "{q}: {counts:?}");
     }
 }
+
+/// A node whose rows diverged while it was away (a row deleted directly on
+/// its PostgreSQL, outside mm): the replay of a committed update of that row
+/// finds nothing to update, the node says it needs a resync and does it by
+/// itself, and comes back with the row as the cluster committed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_that_finds_a_row_missing_resyncs_the_node() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let Some(mut c) = cluster("fail-diverged").await else {
+        return;
+    };
+    let n1 = c.connect_proxy(0).await.unwrap();
+    n1.batch_execute("insert into kv select g, 'v' from generate_series(1, 10) g")
+        .await
+        .unwrap();
+    converged(&c, &[]).await;
+    c.stop_mmd(2);
+    c.pg.stop_node(2).unwrap();
+    first_commit(&c, 0, -1, Duration::from_secs(20)).await;
+    let n1 = c.connect_proxy(0).await.unwrap();
+    n1.batch_execute("update kv set v = 'updated while node 3 was away' where k = 5")
+        .await
+        .unwrap();
+    c.pg.start_node(2).await.unwrap();
+    // Outside mm: only node 3 loses the row.
+    c.pg.connect(2)
+        .await
+        .unwrap()
+        .batch_execute("delete from kv where k = 5")
+        .await
+        .unwrap();
+    let db3 = c.pg.connect(2).await.unwrap();
+    let since: String = db3
+        .query_one("select now()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    c.start_mmd(2, LOG).unwrap();
+    let t = Instant::now();
+    loop {
+        // Only a report of the new mmd counts.
+        let online = db3
+            .query_opt(
+                "select 1 from mtm.status() where status = 'online' \
+                 and reported_at > $1::text::timestamptz",
+                &[&since],
+            )
+            .await
+            .unwrap()
+            .is_some();
+        if online {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(90),
+            "node 3 is not online 90 s after its restart"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "node 3 online {:.1} s after its restart",
+        t.elapsed().as_secs_f64()
+    );
+    let log = std::fs::read_to_string(&c.nodes[2].log_path).unwrap_or_default();
+    assert!(
+        log.contains("diverged"),
+        "node 3 did not notice it diverged"
+    );
+    assert!(log.contains("resync done"), "node 3 did not resync");
+    converged(&c, &[5]).await;
+    let v: String =
+        c.pg.connect(2)
+            .await
+            .unwrap()
+            .query_one("select v from kv where k = 5", &[])
+            .await
+            .unwrap()
+            .get(0);
+    assert_eq!(v, "updated while node 3 was away");
+}

@@ -72,6 +72,13 @@ pub async fn run_receiver(s: ReceiverSettings, hub: Arc<Hub>, results: Unbounded
                 }
                 hub.want_resync();
             }
+            Err(e) if e.contains("needs a resync") => {
+                // A committed transaction did not fit this node's rows: it
+                // diverged. Only a donor's snapshot repairs that (it runs
+                // once the node is out of the generation, in `catchup`).
+                tracing::error!(peer = s.peer, "{e}; resyncing from a donor snapshot");
+                hub.want_resync();
+            }
             Err(e) => {
                 tracing::warn!(peer = s.peer, "data-plane stream from peer failed: {e}");
             }
