@@ -371,7 +371,16 @@ impl Node {
     pub(crate) fn refresh_status(&mut self) {
         let id = self.cfg.id;
         let gen = self.durable.gen;
-        let conn = self.connected_set();
+        // Any message marks a peer heard, but only its heartbeat says which
+        // generation it is in: a restarted node that heard peers' other
+        // messages first was `online` in its old generation for a moment
+        // (serving reads) before a heartbeat showed a newer one.
+        let mut conn = NodeSet::single(id);
+        for n in self.connected_set().iter() {
+            if self.peers[n as usize].status.is_some() {
+                conn.insert(n);
+            }
+        }
         let sees_majority = conn.len() >= self.quorum(gen.members);
         // A peer in a newer generation means ours is over, whatever we were in it.
         let stale = conn

@@ -426,7 +426,8 @@ async fn an_invalidated_slot_is_resynced_from_a_donor_snapshot() {
     // Then it resyncs and comes back by itself, while nodes 1 and 2 commit.
     let t = Instant::now();
     loop {
-        if c.status(2).await.ok().as_deref() == Some("online") {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("resync done") && c.status(2).await.ok().as_deref() == Some("online") {
             break;
         }
         assert!(
