@@ -452,3 +452,41 @@ fn decision_arriving_while_applying_is_applied_after_the_prepare() {
     );
     assert_eq!(n.in_doubt().count(), 0);
 }
+
+#[test]
+fn a_restarted_node_is_online_only_after_heartbeats_show_its_generation_is_current() {
+    // Node 3 restarts as a member of generation 1; the others moved on to 2.
+    let durable = DurableState::bootstrap(NodeSet::first_n(3));
+    let mut node = Node::recover(Config::new(3, 3), durable, &[], Time::ZERO);
+    let t = Time::from_millis(10);
+    // Other messages from both peers arrive before their heartbeats.
+    for from in [1, 2] {
+        let gid = Gid {
+            origin: from,
+            boot: 1,
+            seq: 1,
+            gen: 2,
+        };
+        let msg = Message::Decision { gid, commit: true };
+        node.handle(t, Input::Receive { from, msg });
+    }
+    node.handle(t, Input::Tick);
+    assert_ne!(
+        node.status(),
+        NodeStatus::Online,
+        "online in generation 1 without knowing the peers' generation"
+    );
+    for from in [1, 2] {
+        let msg = Message::Heartbeat {
+            gen: 2,
+            promised_gen: 2,
+            status: NodeStatus::Online,
+            connected: NodeSet::first_n(3),
+            last_online_gen: 2,
+            ready_to_join: false,
+        };
+        node.handle(t, Input::Receive { from, msg });
+    }
+    node.handle(t, Input::Tick);
+    assert_eq!(node.status(), NodeStatus::Catchup);
+}
