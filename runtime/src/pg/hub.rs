@@ -105,7 +105,7 @@ impl Hub {
     pub fn resyncing(&self) -> bool {
         self.resyncing.load(Ordering::Acquire)
     }
-    fn held(&self) -> bool {
+    pub(crate) fn held(&self) -> bool {
         self.held.load(Ordering::Acquire)
     }
     /// Resolves once a resync is under way (for receivers to stop).

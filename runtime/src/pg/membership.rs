@@ -79,6 +79,22 @@ pub async fn add_node(cfg: &NodeConfig, discard_local_data: bool) -> Result<Vec<
         let Ok(c) = connect(conninfo).await else {
             continue; // reported below, with the slot
         };
+        // A reused id would reuse gids the peers already hold.
+        let used: bool = c
+            .query_one(
+                "select exists (select 1 from mm.applied_tx where gid like $1)",
+                &[&format!("mm-{me}-%")],
+            )
+            .await
+            .map_err(|e| format!("node {}: {}", n.id, pg_message(&e)))?
+            .get(0);
+        if used {
+            return Err(format!(
+                "node {} holds transactions of an earlier node {me}: an id is never reused, \
+                 give the new node an id no node ever had",
+                n.id
+            ));
+        }
         let obs = super::prereq::observe(&c)
             .await
             .map_err(|e| format!("node {}: {}", n.id, pg_message(&e)))?;

@@ -87,6 +87,37 @@ pub async fn run_resync(
     let mut attempt = 0usize;
     loop {
         hub.resync_requested().await;
+        let Ok(st) = status
+            .wait_for(|st| matches!(st.status, NodeStatus::Catchup | NodeStatus::Online))
+            .await
+            .map(|st| st.status)
+        else {
+            return; // the driver stopped
+        };
+        if st == NodeStatus::Online && !hub.held() {
+            // Online, this node holds every committed transaction (each
+            // needed its vote), so a slot lost on a peer only needs making
+            // again where the peer is now: what it prepared meanwhile
+            // aborts for want of this node's vote.
+            let mut made = Vec::new();
+            for (peer, conninfo) in &s.peers {
+                if let Ok(true) = recreate_lost_slot(s.me, conninfo).await {
+                    made.push(*peer);
+                }
+            }
+            if !made.is_empty() {
+                tracing::warn!(
+                    "this node is online, so it holds every committed transaction: its lost \
+                     slots on nodes {made:?} were created again at their current position"
+                );
+                hub.set_resync_note(format!(
+                    "not needed at {}: online, lost slots on nodes {made:?} created again",
+                    utc_clock()
+                ));
+                hub.set_resyncing(false, true);
+                continue;
+            }
+        }
         // A member holds what its generation committed; only a node out of
         // the generation may have its database replaced.
         if status
