@@ -460,11 +460,27 @@ async fn an_invalidated_slot_is_resynced_from_a_donor_snapshot() {
     );
     // Node 3's sequence values stay its own: inserts through every node
     // commit without a duplicate key.
+    // A transaction may still abort as the generation settles (40001, safe
+    // to retry); a duplicate key would fail for good.
     for i in [2usize, 0, 1, 2] {
         let p = c.connect_proxy(i).await.unwrap();
-        p.execute("insert into ser(node) values ($1)", &[&(i as i32 + 1)])
-            .await
-            .unwrap();
+        let t = Instant::now();
+        loop {
+            match p
+                .execute("insert into ser(node) values ($1)", &[&(i as i32 + 1)])
+                .await
+            {
+                Ok(_) => break,
+                Err(e)
+                    if e.code().map(|c| c.code()) == Some("40001")
+                        && t.elapsed() < Duration::from_secs(20) =>
+                {
+                    eprintln!("node {}: insert retried: {e}", i + 1);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("node {}: insert into ser failed: {e:?}", i + 1),
+            }
+        }
     }
     stop.cancel();
     let mut acked = Vec::new();
