@@ -280,6 +280,21 @@ impl MmCluster {
         Ok(())
     }
 
+    /// An error with the end of its log if node `i`'s mmd has exited.
+    fn check_mmd_alive(&mut self, i: usize) -> Result<()> {
+        if let Some(child) = self.nodes[i].child.as_mut() {
+            if let Ok(Some(st)) = child.try_wait() {
+                bail!(
+                    "mmd of node {} exited ({st}); its log: {}\n{}",
+                    i + 1,
+                    self.nodes[i].log_path.display(),
+                    tail(&self.nodes[i].log_path, 20)
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Wait until node `i` reports `online`; fails early if its mmd exits.
     pub async fn wait_node_online(&mut self, i: usize, limit: Duration) -> Result<()> {
         self.wait_node_online_since(i, None, limit).await
@@ -293,16 +308,7 @@ impl MmCluster {
     ) -> Result<()> {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
-            if let Some(child) = self.nodes[i].child.as_mut() {
-                if let Ok(Some(st)) = child.try_wait() {
-                    bail!(
-                        "mmd of node {} exited ({st}); its log: {}\n{}",
-                        i + 1,
-                        self.nodes[i].log_path.display(),
-                        tail(&self.nodes[i].log_path, 20)
-                    );
-                }
-            }
+            self.check_mmd_alive(i)?;
             let online = match since {
                 None => self.status(i).await.ok().as_deref() == Some("online"),
                 Some(t) => match self.pg.connect(i).await {
@@ -427,16 +433,7 @@ impl MmCluster {
                 if self.nodes[i].dropped {
                     continue;
                 }
-                if let Some(child) = self.nodes[i].child.as_mut() {
-                    if let Ok(Some(st)) = child.try_wait() {
-                        bail!(
-                            "mmd of node {} exited ({st}); its log: {}\n{}",
-                            i + 1,
-                            self.nodes[i].log_path.display(),
-                            tail(&self.nodes[i].log_path, 20)
-                        );
-                    }
-                }
+                self.check_mmd_alive(i)?;
                 if self.status(i).await.ok().as_deref() != Some("online") {
                     all = false;
                 }

@@ -294,18 +294,23 @@ async fn hot_key_upserts_keep_committing(c: Cluster) {
     assert_eq!(prepared, 0);
 }
 
+/// The bank's accounts, created through node 1 and present everywhere.
+async fn seed_bank(c: &Cluster, accounts: i32, initial: i64) {
+    let n1 = c.connect_proxy(0).await;
+    n1.batch_execute(BANK_SCHEMA).await.unwrap();
+    n1.batch_execute(&bank_seed_sql(accounts, initial))
+        .await
+        .unwrap();
+    same_everywhere(c, "select count(*) from mm_bank").await;
+}
+
 /// Transfers and `sum(balance)` readers on every node for 20 s; node 3 is
 /// killed after 5 s and started again after 10 s. No reader
 /// ever sees a wrong total, and every node ends with the same balances.
 async fn bank_readers_see_the_total_while_a_node_is_killed(mut c: Cluster) {
     const ACCOUNTS: i32 = 20;
     const INITIAL: i64 = 1000;
-    let n1 = c.connect_proxy(0).await;
-    n1.batch_execute(BANK_SCHEMA).await.unwrap();
-    n1.batch_execute(&bank_seed_sql(ACCOUNTS, INITIAL))
-        .await
-        .unwrap();
-    same_everywhere(&c, "select count(*) from mm_bank").await;
+    seed_bank(&c, ACCOUNTS, INITIAL).await;
     let proxies: Vec<String> = (0..3).map(|i| c.proxy(i)).collect();
     let cfg = BankConfig::new(proxies, ACCOUNTS, INITIAL);
     let expected = cfg.expected_total();
@@ -341,12 +346,7 @@ async fn add_and_drop_a_node_under_load(mut c: Cluster) {
     const ACCOUNTS: i32 = 20;
     const INITIAL: i64 = 1000;
     const LIMIT: Duration = Duration::from_secs(180);
-    let n1 = c.connect_proxy(0).await;
-    n1.batch_execute(BANK_SCHEMA).await.unwrap();
-    n1.batch_execute(&bank_seed_sql(ACCOUNTS, INITIAL))
-        .await
-        .unwrap();
-    same_everywhere(&c, "select count(*) from mm_bank").await;
+    seed_bank(&c, ACCOUNTS, INITIAL).await;
     let proxies: Vec<String> = [0, 2].iter().map(|&i| c.proxy(i)).collect();
     let cfg = BankConfig::new(proxies, ACCOUNTS, INITIAL);
     let expected = cfg.expected_total();

@@ -198,34 +198,14 @@ impl LocalCluster {
             },
         };
         for (i, port) in ports.into_iter().enumerate() {
-            let dir = work_dir.join(format!("node{}", i + 1));
-            std::fs::create_dir_all(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
-            cluster.run_as.chown(&dir)?;
-            let node = LocalNode {
-                id: i + 1,
-                port,
-                data_dir: dir.join("data"),
-                socket_dir: dir.clone(),
-                log_file: dir.join("postgres.log"),
-                dir,
-                dbname: cfg.dbname.clone(),
-                running: false,
-            };
-            check_socket_path(&node)?;
+            let node = cluster.new_node(i, port, &cfg.dbname)?;
             cluster.nodes.push(node);
         }
 
         // initdb all nodes concurrently (about a second each).
         let mut jobs = Vec::new();
         for node in &cluster.nodes {
-            let mut cmd = cluster.run_as.command(&cluster.bin.tool("initdb"));
-            cmd.arg("-D")
-                .arg(&node.data_dir)
-                .args(["-U", SUPERUSER, "-A", "trust", "-E", "UTF8", "--locale=C"])
-                .current_dir(&node.dir);
-            if !cluster.fsync {
-                cmd.arg("--no-sync");
-            }
+            let cmd = cluster.initdb_command(node);
             let name = node.name();
             jobs.push(tokio::task::spawn_blocking(move || {
                 run_checked(cmd, &format!("initdb {name}"))
@@ -291,13 +271,8 @@ impl LocalCluster {
         Ok(cluster)
     }
 
-    /// initdb and start one more server (node `len + 1`), with the same
-    /// settings, sized for the larger cluster, and the same database;
-    /// returns its index. Link cuts do not cover it.
-    pub async fn add_node(&mut self) -> Result<usize> {
-        let i = self.nodes.len();
-        let port = free_ports(1)?[0];
-        let dbname = self.nodes[0].dbname.clone();
+    /// Node `i`'s directory (created) and description, not yet initialised.
+    fn new_node(&self, i: usize, port: u16, dbname: &str) -> Result<LocalNode> {
         let dir = self.work_dir.join(format!("node{}", i + 1));
         std::fs::create_dir_all(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
         self.run_as.chown(&dir)?;
@@ -308,10 +283,14 @@ impl LocalCluster {
             socket_dir: dir.clone(),
             log_file: dir.join("postgres.log"),
             dir,
-            dbname: dbname.clone(),
+            dbname: dbname.to_string(),
             running: false,
         };
         check_socket_path(&node)?;
+        Ok(node)
+    }
+
+    fn initdb_command(&self, node: &LocalNode) -> std::process::Command {
         let mut cmd = self.run_as.command(&self.bin.tool("initdb"));
         cmd.arg("-D")
             .arg(&node.data_dir)
@@ -320,6 +299,18 @@ impl LocalCluster {
         if !self.fsync {
             cmd.arg("--no-sync");
         }
+        cmd
+    }
+
+    /// initdb and start one more server (node `len + 1`), with the same
+    /// settings, sized for the larger cluster, and the same database;
+    /// returns its index. Link cuts do not cover it.
+    pub async fn add_node(&mut self) -> Result<usize> {
+        let i = self.nodes.len();
+        let port = free_ports(1)?[0];
+        let dbname = self.nodes[0].dbname.clone();
+        let node = self.new_node(i, port, &dbname)?;
+        let cmd = self.initdb_command(&node);
         let name = node.name();
         tokio::task::spawn_blocking(move || run_checked(cmd, &format!("initdb {name}")))
             .await

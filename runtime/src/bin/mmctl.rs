@@ -66,12 +66,9 @@ async fn main() -> ExitCode {
             config,
             discard_local_data,
         } => {
-            let cfg = match NodeConfig::load(&config) {
+            let cfg = match load(&config) {
                 Ok(c) => c,
-                Err(e) => {
-                    eprintln!("mmctl: {}: {e}", config.display());
-                    return ExitCode::from(2);
-                }
+                Err(code) => return code,
             };
             report(
                 "add-node",
@@ -84,12 +81,9 @@ async fn main() -> ExitCode {
             )
         }
         Cmd::DropNode { config, id } => {
-            let cfg = match NodeConfig::load(&config) {
+            let cfg = match load(&config) {
                 Ok(c) => c,
-                Err(e) => {
-                    eprintln!("mmctl: {}: {e}", config.display());
-                    return ExitCode::from(2);
-                }
+                Err(code) => return code,
             };
             report(
                 "drop-node",
@@ -98,12 +92,9 @@ async fn main() -> ExitCode {
             )
         }
         Cmd::Status { config } => {
-            let cfg = match NodeConfig::load(&config) {
+            let cfg = match load(&config) {
                 Ok(c) => c,
-                Err(e) => {
-                    eprintln!("mmctl: {}: {e}", config.display());
-                    return ExitCode::from(2);
-                }
+                Err(code) => return code,
             };
             match status(&cfg).await {
                 Ok(text) => {
@@ -117,12 +108,9 @@ async fn main() -> ExitCode {
             }
         }
         Cmd::Init { config } => {
-            let cfg = match NodeConfig::load(&config) {
+            let cfg = match load(&config) {
                 Ok(c) => c,
-                Err(e) => {
-                    eprintln!("mmctl: {}: {e}", config.display());
-                    return ExitCode::from(2);
-                }
+                Err(code) => return code,
             };
             match init_node(&cfg).await {
                 Ok(report) => {
@@ -147,6 +135,14 @@ async fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// The node's configuration, or exit code 2 after saying what is wrong.
+fn load(path: &std::path::Path) -> Result<NodeConfig, ExitCode> {
+    NodeConfig::load(path).map_err(|e| {
+        eprintln!("mmctl: {}: {e}", path.display());
+        ExitCode::from(2)
+    })
 }
 
 fn report(what: &str, r: Result<Vec<String>, String>, done: &str) -> ExitCode {

@@ -15,8 +15,6 @@
 
 use super::applier::pg_message;
 use super::init::slot_for;
-use super::replication::conn::ReplicationClient;
-use super::sql::quote_literal;
 use crate::config::NodeConfig;
 use mm_core::NodeId;
 use tokio_postgres::{Client, NoTls};
@@ -116,7 +114,7 @@ pub async fn add_node(cfg: &NodeConfig, discard_local_data: bool) -> Result<Vec<
     let mut missing = Vec::new();
     for n in cfg.nodes.values().filter(|n| n.id != me) {
         let conninfo = n.postgres.as_deref().expect("checked above");
-        match ensure_slot(me, conninfo).await {
+        match super::resync::make_slot(me, conninfo, false).await {
             Ok(true) => done.push(format!("created slot {} on node {}", slot_for(me), n.id)),
             Ok(false) => done.push(format!("slot {} exists on node {}", slot_for(me), n.id)),
             Err(e) => missing.push(format!("node {}: {e}", n.id)),
@@ -141,28 +139,6 @@ pub async fn add_node(cfg: &NodeConfig, discard_local_data: bool) -> Result<Vec<
         .map_err(|e| pg_message(&e))?;
     done.push("requested an initial copy from a donor at the next start of mmd".into());
     Ok(done)
-}
-
-/// This node's slot on a peer, created if missing; true if created.
-async fn ensure_slot(me: NodeId, conninfo: &str) -> Result<bool, String> {
-    let slot = slot_for(me);
-    let mut repl = ReplicationClient::connect(conninfo)
-        .await
-        .map_err(|e| e.to_string())?;
-    let rows = repl
-        .simple_query(&format!(
-            "select 1 from pg_replication_slots where slot_name = {}",
-            quote_literal(&slot)
-        ))
-        .await
-        .map_err(|e| e.to_string())?;
-    if !rows.is_empty() {
-        return Ok(false);
-    }
-    repl.create_slot(&slot, true)
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(true)
 }
 
 /// Remove node `gone` from every node of `cfg` (which must no longer list

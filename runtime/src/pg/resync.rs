@@ -101,7 +101,7 @@ pub async fn run_resync(
             // aborts for want of this node's vote.
             let mut made = Vec::new();
             for (peer, conninfo) in &s.peers {
-                if let Ok(true) = recreate_lost_slot(s.me, conninfo).await {
+                if let Ok(true) = make_slot(s.me, conninfo, true).await {
                     made.push(*peer);
                 }
             }
@@ -228,7 +228,7 @@ async fn resync_once(s: &ResyncSettings, hub: &Hub, attempt: usize) -> Result<Re
     // later than the donor's snapshot.
     let mut recreated = Vec::new();
     for (peer, conninfo) in s.peers.iter().filter(|(p, _)| *p != donor) {
-        match recreate_lost_slot(s.me, conninfo).await {
+        match make_slot(s.me, conninfo, true).await {
             Ok(true) => recreated.push(*peer),
             Ok(false) => {}
             Err(e) => tracing::warn!(
@@ -303,8 +303,13 @@ async fn pick_donor(s: &ResyncSettings, attempt: usize) -> Result<NodeId, String
     Err(format!("no online donor ({})", why.join("; ")))
 }
 
-/// Create this node's slot on a peer again if it was lost; true if it did.
-async fn recreate_lost_slot(me: NodeId, conninfo: &str) -> Result<bool, String> {
+/// Create this node's slot on a peer if it is missing or, with
+/// `replace_lost`, if it was invalidated; true if it did.
+pub(crate) async fn make_slot(
+    me: NodeId,
+    conninfo: &str,
+    replace_lost: bool,
+) -> Result<bool, String> {
     let slot = slot_for(me);
     let mut repl = ReplicationClient::connect(conninfo)
         .await
@@ -316,17 +321,16 @@ async fn recreate_lost_slot(me: NodeId, conninfo: &str) -> Result<bool, String> 
         ))
         .await
         .map_err(|e| e.to_string())?;
-    let lost = match rows.first() {
-        None => true,
-        Some(r) => r.first().cloned().flatten().as_deref() == Some("lost"),
-    };
-    if !lost {
-        return Ok(false);
-    }
-    if !rows.is_empty() {
-        repl.drop_slot(&slot, true)
+    let lost = rows
+        .first()
+        .is_some_and(|r| r.first().cloned().flatten().as_deref() == Some("lost"));
+    match rows.first() {
+        None => {}
+        Some(_) if replace_lost && lost => repl
+            .drop_slot(&slot, true)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())?,
+        Some(_) => return Ok(false),
     }
     repl.create_slot(&slot, true)
         .await
