@@ -35,10 +35,6 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio_postgres::{Client, NoTls};
 
-/// The origin the copy is written under: peers see it as an echo, not as
-/// writes made outside mm.
-const RESYNC_ORIGIN: &str = "mm_resync";
-
 /// Schemas that are never copied: PostgreSQL's and mm's own.
 const OWN_SCHEMAS: &str = "('mm', 'mtm', 'information_schema')";
 
@@ -268,7 +264,7 @@ async fn resync_once(s: &ResyncSettings, hub: &Hub, attempt: usize) -> Result<Re
         "resync: slot {slot} created on node {donor}, copying its snapshot"
     );
 
-    let (tables, rows) = copy_snapshot(s, donor_conninfo, &snapshot).await?;
+    let (tables, rows) = copy_snapshot(s, donor, donor_conninfo, &snapshot).await?;
     // The snapshot is released with the connection that exported it.
     drop(repl);
     Ok(Report {
@@ -342,6 +338,7 @@ pub(crate) async fn make_slot(
 /// one local transaction. Returns (tables, rows) copied.
 async fn copy_snapshot(
     s: &ResyncSettings,
+    donor_id: NodeId,
     donor_conninfo: &str,
     snapshot: &str,
 ) -> Result<(usize, u64), String> {
@@ -359,7 +356,14 @@ async fn copy_snapshot(
         .await
         .map_err(|e| format!("importing the donor's snapshot: {}", pg_message(&e)))?;
 
-    let local = origin_session(&s.local_conninfo, RESYNC_ORIGIN, true).await?;
+    // Written under the donor's replay origin, so peers see an echo, not
+    // writes made outside mm. Not an origin of its own: PostgreSQL keeps
+    // one replication state slot (of max_replication_slots) per origin ever
+    // used, and one more left an applier of node 3 without one (seen in 1
+    // of 5 runs of the resync test: its peer's transactions timed out). The
+    // receivers, whose replays use this origin, are stopped meanwhile.
+    let origin = super::replay::replay_origin(donor_id);
+    let local = origin_session(&s.local_conninfo, &origin, true).await?;
     let sql =
         |what: &'static str| move |e: tokio_postgres::Error| format!("{what}: {}", pg_message(&e));
     // This node's sequences, so none hands out a value it already used.
