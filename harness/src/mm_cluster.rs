@@ -37,6 +37,23 @@ pub fn find_mmd() -> Result<PathBuf> {
     )
 }
 
+/// The server's clock now, to compare `mtm.status()` reports with: after an
+/// mmd restart the old mmd's last report may still read `online`.
+pub async fn server_now(c: &tokio_postgres::Client) -> Result<String> {
+    Ok(c.query_one("select now()::text", &[]).await?.get(0))
+}
+
+/// Whether mmd reported `online` after `since` (from [`server_now`]).
+pub async fn online_since(c: &tokio_postgres::Client, since: &str) -> bool {
+    c.query_opt(
+        "select 1 from mtm.status() where status = 'online' \
+         and reported_at > $1::text::timestamptz",
+        &[&since],
+    )
+    .await
+    .is_ok_and(|r| r.is_some())
+}
+
 /// A loopback port nobody listens on right now.
 pub fn free_port() -> Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
@@ -191,13 +208,7 @@ impl MmCluster {
         for &i in which {
             // The old mmd's last report says `online` for a while: only a
             // report made after the restart counts.
-            let since: String = self
-                .pg
-                .connect(i)
-                .await?
-                .query_one("select now()::text", &[])
-                .await?
-                .get(0);
+            let since = server_now(&self.pg.connect(i).await?).await?;
             self.stop_mmd(i);
             let log = self.log.clone();
             self.start_mmd(i, &log)?;
@@ -312,15 +323,7 @@ impl MmCluster {
             let online = match since {
                 None => self.status(i).await.ok().as_deref() == Some("online"),
                 Some(t) => match self.pg.connect(i).await {
-                    Ok(c) => c
-                        .query_opt(
-                            "select 1 from mtm.status() where status = 'online' \
-                             and reported_at > $1::text::timestamptz",
-                            &[&t],
-                        )
-                        .await
-                        .map(|r| r.is_some())
-                        .unwrap_or(false),
+                    Ok(c) => online_since(&c, t).await,
                     Err(_) => false,
                 },
             };

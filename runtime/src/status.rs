@@ -48,6 +48,18 @@ pub async fn run_status_writer(
         tokio::spawn(async move {
             let _ = conn.await;
         });
+        // A node dropped from the configuration leaves no stale row; the
+        // configuration is fixed for this mmd's life, so once is enough.
+        let configured: Vec<i32> = cfg.nodes.keys().map(|&i| i32::from(i)).collect();
+        if let Err(e) = client
+            .execute(
+                "DELETE FROM mm.nodes_now WHERE id <> ALL($1)",
+                &[&configured],
+            )
+            .await
+        {
+            tracing::warn!("cannot prune mm.nodes_now: {e}");
+        }
         loop {
             let snap = watch.borrow_and_update().clone();
             if let Err(e) = write(&client, &cfg, &snap, &hub).await {
@@ -87,12 +99,6 @@ async fn write(
             &(s.in_doubt as i32),
             &hub.resync_note(),
         ],
-    )
-    .await?;
-    // A node dropped from the configuration leaves no stale row.
-    c.execute(
-        "DELETE FROM mm.nodes_now WHERE id <> ALL($1)",
-        &[&configured],
     )
     .await?;
     for n in cfg.nodes.values() {

@@ -6,7 +6,7 @@
 mod common;
 
 use common::LOG;
-use mm_harness::mm_cluster::MmCluster;
+use mm_harness::mm_cluster::{online_since, server_now, MmCluster};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -533,25 +533,12 @@ async fn a_replay_that_finds_a_row_missing_resyncs_the_node() {
         .await
         .unwrap();
     let db3 = c.pg.connect(2).await.unwrap();
-    let since: String = db3
-        .query_one("select now()::text", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let since = server_now(&db3).await.unwrap();
     c.start_mmd(2, LOG).unwrap();
     let t = Instant::now();
     loop {
         // Only a report of the new mmd counts.
-        let online = db3
-            .query_opt(
-                "select 1 from mtm.status() where status = 'online' \
-                 and reported_at > $1::text::timestamptz",
-                &[&since],
-            )
-            .await
-            .unwrap()
-            .is_some();
-        if online {
+        if online_since(&db3, &since).await {
             break;
         }
         assert!(

@@ -653,26 +653,13 @@ impl DockerCluster {
                 ])
                 .await
                 .with_context(|| format!("writing the config of node {}", i + 1))?;
-            let since: String = self
-                .connect_pg(i)
-                .await?
-                .query_one("select now()::text", &[])
-                .await?
-                .get(0);
+            let since = crate::mm_cluster::server_now(&self.connect_pg(i).await?).await?;
             self.stop_node(i).await?;
             self.start_node(i).await?;
             let deadline = Instant::now() + limit;
             loop {
                 let online = match self.connect_pg(i).await {
-                    Ok(c) => c
-                        .query_opt(
-                            "select 1 from mtm.status() where status = 'online' \
-                             and reported_at > $1::text::timestamptz",
-                            &[&since],
-                        )
-                        .await
-                        .map(|r| r.is_some())
-                        .unwrap_or(false),
+                    Ok(c) => crate::mm_cluster::online_since(&c, &since).await,
                     Err(_) => false,
                 };
                 if online {
