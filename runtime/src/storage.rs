@@ -95,6 +95,42 @@ impl MemCluster {
     pub fn detach(&self, id: NodeId) {
         self.0.lock().expect("lock").inboxes.remove(&id);
     }
+    /// `pg/resync.rs` in miniature: replace `joiner`'s committed transactions
+    /// with a copy of `donor`'s, then report its catch-up from `donor`
+    /// applied (the copy holds everything the donor's stream would have
+    /// sent, and more). Refused while the joiner holds a prepared
+    /// transaction, as the real resync waits for the resolver to settle them.
+    /// `omit_last` is a deliberately broken copy (a snapshot taken one
+    /// commit too early) for the checks to catch. Returns the rows copied.
+    pub fn resync(
+        &self,
+        joiner: NodeId,
+        donor: NodeId,
+        upto_gen: Option<u64>,
+        omit_last: bool,
+    ) -> Result<usize, String> {
+        let mut s = self.0.lock().expect("lock");
+        let mut copy = s
+            .dbs
+            .get(&donor)
+            .map(|d| d.committed.clone())
+            .unwrap_or_default();
+        let Some(j) = s.dbs.get_mut(&joiner) else {
+            return Err(format!("node {joiner} has no database"));
+        };
+        if !j.prepared.is_empty() {
+            return Err(format!("node {joiner} holds {} prepared", j.prepared.len()));
+        }
+        if omit_last {
+            copy.pop();
+        }
+        let rows = copy.len();
+        j.committed = copy;
+        if let Some(inbox) = s.inboxes.get(&joiner) {
+            let _ = inbox.send(Input::CatchupApplied { donor, upto_gen });
+        }
+        Ok(rows)
+    }
     pub fn db(&self, id: NodeId) -> MemDb {
         self.0
             .lock()

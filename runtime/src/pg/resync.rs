@@ -251,6 +251,10 @@ async fn resync_once(s: &ResyncSettings, hub: &Hub, attempt: usize) -> Result<Re
             .await
             .map_err(|e| format!("dropping {slot} on node {donor}: {e}"))?;
     }
+    // This waits for every transaction running on the donor to end,
+    // prepared ones included (PostgreSQL's snapshot builder), so one the
+    // donor holds prepared and later commits is in the snapshot. T2 models
+    // this wait; without it a resync loses such a commit (sim/src/turmoil/slot_loss.rs).
     let info = repl
         .create_slot_exporting(&slot, true)
         .await

@@ -5,7 +5,7 @@ use clap::{Parser, Subcommand};
 use mm_sim::coverage::Path;
 use mm_sim::faults::FaultKind;
 use mm_sim::sweep::{first_failing_seed, sweep};
-use mm_sim::turmoil::{run_turmoil, PhaseCoverage, PhaseFaults, TurmoilOptions};
+use mm_sim::turmoil::{run_turmoil, PhaseCoverage, PhaseFaults, SlotLoss, TurmoilOptions};
 use mm_sim::{mutant_by_name, Mutant, Params, RunOptions, World};
 use serde_json::json;
 use std::process::ExitCode;
@@ -77,6 +77,14 @@ enum Cmd {
         /// `off`, or one forced `PHASE:FAULT` (e.g. `commit_sent:crash`).
         #[arg(long, default_value = "random")]
         phase_faults: String,
+        /// Whether a crash loses the node's replication slots, forcing a
+        /// resync: `seeded` (one seed in three), `never`, `every-crash`.
+        #[arg(long, default_value = "seeded")]
+        slot_loss: String,
+        /// Use the deliberately broken resync (its copy misses the donor's
+        /// last commit).
+        #[arg(long)]
+        broken_resync: bool,
         /// Print each seed's fault schedule.
         #[arg(long)]
         verbose: bool,
@@ -137,6 +145,8 @@ fn main() -> ExitCode {
             mutant,
             lossy_storage,
             phase_faults,
+            slot_loss,
+            broken_resync,
             verbose,
             json,
         } => check_nodes(nodes)
@@ -147,14 +157,22 @@ fn main() -> ExitCode {
                     parse_mutant(&mutant)
                 }
             })
-            .and_then(|m| Ok((m, phase_faults.parse::<PhaseFaults>()?)))
-            .map(|(m, phase_faults)| {
+            .and_then(|m| {
+                Ok((
+                    m,
+                    phase_faults.parse::<PhaseFaults>()?,
+                    slot_loss.parse::<SlotLoss>()?,
+                ))
+            })
+            .map(|(m, phase_faults, slot_loss)| {
                 let opts = TurmoilOptions {
                     seed: start,
                     nodes,
                     mutant: m,
                     lossy_storage,
                     phase_faults,
+                    slot_loss,
+                    broken_resync,
                 };
                 cmd_turmoil(seeds, opts, verbose, json)
             }),
@@ -336,6 +354,7 @@ fn cmd_turmoil(seeds: u64, base: TurmoilOptions, verbose: bool, json: bool) -> E
     let t0 = Instant::now();
     let (mut committed, mut aborted, mut refused, mut unknown) = (0, 0, 0, 0);
     let mut violations = 0;
+    let mut resyncs = 0;
     let mut failing = Vec::new();
     let mut coverage = PhaseCoverage::default();
     for seed in base.seed..base.seed + seeds {
@@ -350,14 +369,16 @@ fn cmd_turmoil(seeds: u64, base: TurmoilOptions, verbose: bool, json: bool) -> E
         refused += r.refused;
         unknown += r.unknown;
         violations += r.violations.len();
+        resyncs += r.resyncs.len();
         println!(
-            "seed {seed}: {}ms simulated; {} committed, {} aborted, {} refused, {} unknown; {} txs; settled {}; hash {:016x}; {}",
+            "seed {seed}: {}ms simulated; {} committed, {} aborted, {} refused, {} unknown; {} txs; {} resyncs; settled {}; hash {:016x}; {}",
             r.sim_ms,
             r.committed,
             r.aborted,
             r.refused,
             r.unknown,
             r.committed_txs,
+            r.resyncs.len(),
             r.settled_after_ms
                 .map_or("never".to_string(), |t| format!("{t}ms after healing")),
             r.event_hash,
@@ -414,6 +435,8 @@ fn cmd_turmoil(seeds: u64, base: TurmoilOptions, verbose: bool, json: bool) -> E
             "refused": refused,
             "unknown": unknown,
             "phase_faults": base.phase_faults.to_string(),
+            "slot_loss": base.slot_loss.to_string(),
+            "resyncs": resyncs,
             "phase_hits": coverage
                 .hits
                 .iter()

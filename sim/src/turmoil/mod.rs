@@ -27,12 +27,15 @@
 //! T1's business.
 
 pub mod phases;
+pub mod slot_loss;
 pub mod transport;
 
 pub use phases::{Phase, PhaseCoverage, PhaseFault, PhaseFaults, Target};
+pub use slot_loss::{Resync, SlotLoss};
 pub use transport::{TurmoilListener, TurmoilTransport};
 
 use phases::{CatchupTap, Hit, PhaseTap, SharedTap};
+use slot_loss::{SharedSlots, Slots};
 
 use crate::fnv::Fnv;
 use mm_core::Outcome;
@@ -80,6 +83,11 @@ pub struct TurmoilOptions {
     pub lossy_storage: bool,
     /// Phase-targeted faults on top of the time-based schedule.
     pub phase_faults: PhaseFaults,
+    /// Whether crashes lose the crashed node's replication slots.
+    pub slot_loss: SlotLoss,
+    /// A deliberately broken resync: its copy misses the donor's last
+    /// commit. The checks must catch it.
+    pub broken_resync: bool,
 }
 
 impl TurmoilOptions {
@@ -90,6 +98,8 @@ impl TurmoilOptions {
             mutant: None,
             lossy_storage: false,
             phase_faults: PhaseFaults::Random,
+            slot_loss: SlotLoss::Seeded,
+            broken_resync: false,
         }
     }
 
@@ -104,6 +114,12 @@ impl TurmoilOptions {
         }
         if self.phase_faults != PhaseFaults::Random {
             s.push_str(&format!(" --phase-faults {}", self.phase_faults));
+        }
+        if self.slot_loss != SlotLoss::Seeded {
+            s.push_str(&format!(" --slot-loss {}", self.slot_loss));
+        }
+        if self.broken_resync {
+            s.push_str(" --broken-resync");
         }
         s
     }
@@ -135,6 +151,9 @@ pub struct TurmoilReport {
     /// crash of the donor's host dropped them, or the run ended first).
     pub streams_started: u64,
     pub streams_dropped: u64,
+    /// Whether this run's crashes lost slots, and the resyncs that followed.
+    pub slot_loss_on: bool,
+    pub resyncs: Vec<Resync>,
     pub options: TurmoilOptions,
     /// Simulated time from healing to settled; None if it never settled.
     pub settled_after_ms: Option<u64>,
@@ -229,6 +248,8 @@ struct ObservedStorage {
     obs: Arc<Mutex<Observed>>,
     lossy: bool,
     tap: SharedTap,
+    slots: SharedSlots,
+    broken_resync: bool,
     /// Draws stream delays; seeded per node and incarnation.
     rng: ChaCha8Rng,
     stream_delay_max_ms: u64,
@@ -253,18 +274,22 @@ impl Storage for ObservedStorage {
     fn execute(&mut self, cmd: DbCmd, results: &UnboundedSender<Input>) {
         let mut cmd = cmd;
         self.tap.lock().expect("lock").on_db_cmd(self.id, &cmd);
-        if let DbCmd::StreamCatchup { .. } = cmd {
+        if let DbCmd::StreamCatchup { to, upto_gen, .. } = cmd {
             self.tap.lock().expect("lock").streams_started += 1;
             let delay = self.rng.gen_range(0..=self.stream_delay_max_ms);
-            if delay > 0 {
+            let lost = |slots: &SharedSlots| slots.lock().expect("lock").is_lost(self.id, to);
+            if delay > 0 || lost(&self.slots) {
                 // The stream lands at once after the delay, if this host is
                 // still up (a crash drops the task, as it would the walsender).
                 let (cluster, id, results) = (self.cluster.clone(), self.id, results.clone());
-                let tap = self.tap.clone();
+                let (tap, slots, broken) =
+                    (self.tap.clone(), self.slots.clone(), self.broken_resync);
                 tokio::spawn(async move {
                     tokio::time::sleep(Duration::from_millis(delay)).await;
+                    if !slot_loss::resync(&cluster, &slots, (to, id), upto_gen, broken).await {
+                        cluster.storage(id, results.clone()).execute(cmd, &results);
+                    }
                     tap.lock().expect("lock").streams_landed += 1;
-                    cluster.storage(id, results.clone()).execute(cmd, &results);
                 });
                 return;
             }
@@ -299,6 +324,9 @@ enum Action {
     Repair(NodeId, NodeId),
     Hold(NodeId, NodeId),
     Release(NodeId, NodeId),
+    /// The node's slots on every peer are invalidated (it stayed away
+    /// longer than they keep WAL for it).
+    LoseSlots(NodeId),
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -414,7 +442,7 @@ fn target_actions(t: &Target, hit: &Hit, n: usize, now: u64) -> Vec<(u64, Action
     }
 }
 
-fn apply(sim: &mut ::turmoil::Sim<'_>, a: Action) -> bool {
+fn apply(sim: &mut ::turmoil::Sim<'_>, slots: &SharedSlots, n: usize, a: Action) -> bool {
     match a {
         Action::Crash(x) => {
             if !sim.is_host_running(host_name(x)) {
@@ -432,6 +460,7 @@ fn apply(sim: &mut ::turmoil::Sim<'_>, a: Action) -> bool {
         Action::Repair(a, b) => sim.repair(host_name(a), host_name(b)),
         Action::Hold(a, b) => sim.hold(host_name(a), host_name(b)),
         Action::Release(a, b) => sim.release(host_name(a), host_name(b)),
+        Action::LoseSlots(x) => slots.lock().expect("lock").lose(x, n),
     }
     true
 }
@@ -470,6 +499,8 @@ struct NodeCtx {
     obs: Arc<Mutex<Observed>>,
     registry: Registry,
     tap: SharedTap,
+    slots: SharedSlots,
+    broken_resync: bool,
     stream_delay_max_ms: u64,
 }
 
@@ -497,6 +528,8 @@ async fn run_node(c: NodeCtx) -> ::turmoil::Result {
         obs: c.obs,
         lossy: c.lossy,
         tap: c.tap,
+        slots: c.slots,
+        broken_resync: c.broken_resync,
         rng: ChaCha8Rng::seed_from_u64(mix(c.seed ^ 0x57ea, ((c.id as u64) << 32) | c.incarnation)),
         stream_delay_max_ms: c.stream_delay_max_ms,
     };
@@ -643,6 +676,11 @@ pub fn run_turmoil(opts: &TurmoilOptions) -> TurmoilReport {
     let mut trng = ChaCha8Rng::seed_from_u64(mix(seed, 0x7a26_0000 + n as u64));
     let stream_delay_max_ms = [0u64, 50, 300, 1000][trng.gen_range(0..4)];
     let targets = arm_targets(&mut trng, opts.phase_faults);
+    // A stream of its own, so the schedules above stay as they were.
+    let slot_loss_on = opts
+        .slot_loss
+        .on(ChaCha8Rng::seed_from_u64(mix(seed, 0x5107)).gen_range(0..3));
+    let slots: SharedSlots = Arc::new(Mutex::new(Slots::default()));
     let tap: SharedTap = Arc::new(Mutex::new(PhaseTap {
         armed: targets.iter().map(|t| (t.phase, t.fault)).collect(),
         ..PhaseTap::default()
@@ -662,9 +700,14 @@ pub fn run_turmoil(opts: &TurmoilOptions) -> TurmoilReport {
     let registry: Registry = Rc::new(RefCell::new(BTreeMap::new()));
     let obs = Arc::new(Mutex::new(Observed::default()));
     for id in 1..=n as NodeId {
-        let (cluster, registry, obs, tap) =
-            (cluster.clone(), registry.clone(), obs.clone(), tap.clone());
-        let (mutant, lossy) = (opts.mutant, opts.lossy_storage);
+        let (cluster, registry, obs, tap, slots) = (
+            cluster.clone(),
+            registry.clone(),
+            obs.clone(),
+            tap.clone(),
+            slots.clone(),
+        );
+        let (mutant, lossy, broken_resync) = (opts.mutant, opts.lossy_storage, opts.broken_resync);
         let boots = Cell::new(0u64);
         sim.host(host_name(id), move || {
             let incarnation = boots.get();
@@ -680,6 +723,8 @@ pub fn run_turmoil(opts: &TurmoilOptions) -> TurmoilReport {
                 obs: obs.clone(),
                 registry: registry.clone(),
                 tap: tap.clone(),
+                slots: slots.clone(),
+                broken_resync,
                 stream_delay_max_ms,
             })
         });
@@ -698,7 +743,8 @@ pub fn run_turmoil(opts: &TurmoilOptions) -> TurmoilReport {
 
     let mut violations = Vec::new();
     let mut faults = vec![format!(
-        "max message latency {max_latency}ms; catch-up stream delay up to {stream_delay_max_ms}ms"
+        "max message latency {max_latency}ms; catch-up stream delay up to {stream_delay_max_ms}ms{}",
+        if slot_loss_on { "; a crash loses the node's slots" } else { "" }
     )];
     for t in &targets {
         faults.push(format!(
@@ -752,10 +798,14 @@ pub fn run_turmoil(opts: &TurmoilOptions) -> TurmoilReport {
                 break;
             }
             let a = entry.remove();
-            let done = apply(&mut sim, a);
+            let done = apply(&mut sim, &slots, n, a);
             let line = format!("{}ms {:?}{}", now, a, if done { "" } else { " (skipped)" });
             hash.bytes(line.as_bytes());
             faults.push(line);
+            if let (Action::Crash(x), true, true) = (a, done, slot_loss_on) {
+                queue.insert((now, order), Action::LoseSlots(x));
+                order += 1;
+            }
         }
         if !healed && now >= HEAL_MS {
             healed = true;
@@ -793,6 +843,10 @@ pub fn run_turmoil(opts: &TurmoilOptions) -> TurmoilReport {
         }
     }
 
+    let resyncs = std::mem::take(&mut slots.lock().expect("lock").resyncs);
+    for r in &resyncs {
+        hash.bytes(format!("{r:?}").as_bytes());
+    }
     let log = std::mem::take(&mut *log.borrow_mut());
     let obs = std::mem::take(&mut *obs.lock().expect("lock"));
     let (mut committed, mut aborted, mut refused, mut unknown) = (0, 0, 0, 0);
@@ -894,6 +948,8 @@ pub fn run_turmoil(opts: &TurmoilOptions) -> TurmoilReport {
         stream_delay_max_ms,
         streams_started,
         streams_dropped,
+        slot_loss_on,
+        resyncs,
         options: opts.clone(),
     }
 }
