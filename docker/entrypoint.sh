@@ -27,6 +27,7 @@ MM_CONFIG=${MM_CONFIG:-/etc/mm/mmd.toml}
 MM_MAX_NODES=${MM_MAX_NODES:-5}
 MM_PG_FSYNC=${MM_PG_FSYNC:-on}
 MM_PG_MAX_CONNECTIONS=${MM_PG_MAX_CONNECTIONS:-100}
+MM_APPLIERS_PER_PEER=${MM_APPLIERS_PER_PEER:-4}
 MM_INIT_MARKER=${MM_INIT_MARKER:-/var/lib/mm/mmctl-init.done}
 SOCKDIR=/var/run/postgresql
 
@@ -48,7 +49,8 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
     n=$MM_MAX_NODES
     maxconn=$MM_PG_MAX_CONNECTIONS
     [ "$maxconn" -lt 100 ] && prep_base=100 || prep_base=$maxconn
-    slots=$((4 * (n - 1)))
+    # replication origins, capped by the same setting: peers x (appliers + 1)
+    slots=$(((n - 1) * (MM_APPLIERS_PER_PEER + 1)))
     [ "$slots" -lt $((2 * n + 2)) ] && slots=$((2 * n + 2))
     [ "$slots" -lt 10 ] && slots=10
     senders=$((2 * n + 2))

@@ -110,6 +110,9 @@ enum Cmd {
         /// Number of nodes in the intended mm cluster.
         #[arg(long, default_value_t = 3)]
         nodes: u32,
+        /// `data_plane.appliers_per_peer` of the mmd configs (origins per peer).
+        #[arg(long, default_value_t = pg_conf::DEFAULT_APPLIERS)]
+        appliers_per_peer: u32,
     },
     /// mm against its baselines, one phase after the other on the same
     /// machine: (a) one plain PostgreSQL, (b) the mm cluster (3 PostgreSQL +
@@ -210,7 +213,8 @@ async fn main() -> ExitCode {
             user,
             dbname,
             nodes,
-        } => pg_check(&host, port, &user, &dbname, nodes).await,
+            appliers_per_peer,
+        } => pg_check(&host, port, &user, &dbname, (nodes, appliers_per_peer)).await,
         Cmd::Bench {
             seconds,
             json,
@@ -382,7 +386,13 @@ async fn pg_up(nodes: usize, workdir: Option<PathBuf>, no_fsync: bool) -> ExitCo
     ExitCode::SUCCESS
 }
 
-async fn pg_check(host: &str, port: u16, user: &str, dbname: &str, nodes: u32) -> ExitCode {
+async fn pg_check(
+    host: &str,
+    port: u16,
+    user: &str,
+    dbname: &str,
+    (nodes, appliers_per_peer): (u32, u32),
+) -> ExitCode {
     let conninfo = format!("host={host} port={port} user={user} dbname={dbname}");
     let client = match tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await {
         Ok((client, conn)) => {
@@ -403,7 +413,7 @@ async fn pg_check(host: &str, port: u16, user: &str, dbname: &str, nodes: u32) -
             return ExitCode::from(2);
         }
     };
-    let findings = pg_conf::check(&observed, nodes);
+    let findings = pg_conf::check(&observed, nodes, appliers_per_peer);
     println!("{conninfo} (for a {nodes}-node mm cluster):");
     for f in &findings {
         println!("  [{}] {}", if f.ok { " ok " } else { "FAIL" }, f.message);
@@ -418,6 +428,7 @@ async fn pg_check(host: &str, port: u16, user: &str, dbname: &str, nodes: u32) -
         let req = pg_conf::Requirements {
             nodes,
             max_connections: observed.max_connections,
+            appliers_per_peer,
         };
         for f in bad {
             let value = match f.setting {

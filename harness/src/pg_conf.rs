@@ -2,6 +2,10 @@
 //! into each local node's `mm.conf` and as checked by `mm-harness pg-check`.
 
 pub use mm_runtime::pg::prereq::{check, observe, Finding, Observed, Requirements};
+
+/// The mmd configs the harness writes keep `data_plane.appliers_per_peer`
+/// at its default, which sets how many replication origins a node uses.
+pub const DEFAULT_APPLIERS: u32 = mm_runtime::config::DEFAULT_APPLIERS_PER_PEER as u32;
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -50,7 +54,7 @@ impl NodeSettings {
         line(
             "max_replication_slots",
             r.max_replication_slots().max(10).to_string(),
-            "2N+2: one per peer, catch-up, spare",
+            "max(2N+2 slots, (N-1) x (appliers + 1) replication origins)",
         );
         line(
             "max_wal_senders",
@@ -127,6 +131,7 @@ mod tests {
             req: Requirements {
                 nodes: 3,
                 max_connections: 100,
+                appliers_per_peer: DEFAULT_APPLIERS,
             },
             fsync: false,
             extra: vec![],

@@ -132,11 +132,12 @@ async fn three_nodes_seed_workload_crash_and_restart() {
         let wal_level: String = c.query_one("SHOW wal_level", &[]).await.unwrap().get(0);
         assert_eq!(wal_level, "logical");
         let obs = mm_harness::pg_conf::observe(&c).await.unwrap();
-        let bad: Vec<_> = mm_harness::pg_conf::check(&obs, 3)
-            .into_iter()
-            .filter(|f| !f.ok)
-            .map(|f| f.message)
-            .collect();
+        let bad: Vec<_> =
+            mm_harness::pg_conf::check(&obs, 3, mm_harness::pg_conf::DEFAULT_APPLIERS)
+                .into_iter()
+                .filter(|f| !f.ok)
+                .map(|f| f.message)
+                .collect();
         assert!(bad.is_empty(), "node{}: {bad:?}", i + 1);
         c.batch_execute(CREATE_MM).await.unwrap();
     }

@@ -187,10 +187,13 @@ pub struct DataPlaneConfig {
     pub finishers: usize,
 }
 
+/// Also what `mmctl init`'s `max_replication_slots` check assumes by default.
+pub const DEFAULT_APPLIERS_PER_PEER: usize = 4;
+
 impl Default for DataPlaneConfig {
     fn default() -> DataPlaneConfig {
         DataPlaneConfig {
-            appliers_per_peer: 4,
+            appliers_per_peer: DEFAULT_APPLIERS_PER_PEER,
             lock_timeout_ms: 500,
             finishers: 4,
         }

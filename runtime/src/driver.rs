@@ -27,6 +27,8 @@ pub enum Command {
     Status {
         reply: oneshot::Sender<StatusSnapshot>,
     },
+    /// Send nothing to peers (true) or resume (false); see [`DriverHandle::silence`].
+    Silence(bool),
     Shutdown,
 }
 
@@ -63,6 +65,14 @@ impl DriverHandle {
         self.tx.send(Command::Commit { client, reply }).await.ok()?;
         rx.await.ok()
     }
+    /// While silenced the node still hears its peers but sends them nothing,
+    /// so they vote it out of their generation. A member that needs a resync
+    /// uses it: the resync replaces the database only of a node out of the
+    /// generation (`catchup`), and a `recovery` member whose lost slot keeps
+    /// it from catching up would otherwise stay one forever.
+    pub async fn silence(&self, on: bool) {
+        let _ = self.tx.send(Command::Silence(on)).await; // stopped: nothing to silence
+    }
     pub async fn status(&self) -> Option<StatusSnapshot> {
         let (reply, rx) = oneshot::channel();
         self.tx.send(Command::Status { reply }).await.ok()?;
@@ -88,6 +98,7 @@ pub struct Driver<S: Storage> {
     pending: BTreeMap<ClientId, oneshot::Sender<Outcome>>,
     epoch: Instant,
     watch: watch::Sender<StatusSnapshot>,
+    silenced: bool,
 }
 
 impl<S: Storage> Driver<S> {
@@ -157,6 +168,7 @@ impl<S: Storage> Driver<S> {
             results: results.1,
             pending: BTreeMap::new(),
             epoch,
+            silenced: false,
             watch: watch_tx,
         };
         Ok((
@@ -205,6 +217,16 @@ impl<S: Storage> Driver<S> {
                     }
                     Some(Command::Status { reply }) => {
                         let _ = reply.send(self.snapshot());
+                    }
+                    Some(Command::Silence(on)) => {
+                        if on != self.silenced {
+                            tracing::warn!(node = self.node.id(), silenced = on, "{}", if on {
+                                "silenced: sending peers nothing until they vote this node out"
+                            } else {
+                                "speaking to peers again"
+                            });
+                        }
+                        self.silenced = on;
                     }
                 },
             }
@@ -265,7 +287,11 @@ impl<S: Storage> Driver<S> {
             tracing::trace!(node = self.node.id(), output = ?out);
             match out {
                 Output::Persist(_) => {}
-                Output::Send { to, msg } => self.mesh.send(to, msg),
+                Output::Send { to, msg } => {
+                    if !self.silenced {
+                        self.mesh.send(to, msg)
+                    }
+                }
                 Output::Db(cmd) => self.storage.execute(cmd, &self.results_tx),
                 Output::Reply { client, outcome } => {
                     if let Some(reply) = self.pending.remove(&client) {

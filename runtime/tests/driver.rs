@@ -151,3 +151,57 @@ async fn commit_failover_and_rejoin_over_tcp() {
         j.await.unwrap();
     }
 }
+
+/// `DriverHandle::silence`, what a member that needs a resync uses: the
+/// others vote it out while it still hears them (so it sees it is out, in
+/// `catchup`), and it is let back in once it speaks again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silenced_node_is_voted_out_and_rejoins_when_it_speaks_again() {
+    let addrs = free_addrs(N);
+    let cluster = MemCluster::new(N);
+    let mut nodes = Vec::new();
+    for id in 1..=N as NodeId {
+        nodes.push(start(id, &addrs, &cluster).await);
+    }
+    let all = NodeSet::first_n(N);
+    for (h, _) in &nodes {
+        wait_for("every node online", async || online_in(h, all).await).await;
+    }
+
+    nodes[2].0.silence(true).await;
+    let majority: NodeSet = [1, 2].into_iter().collect();
+    for (h, _) in &nodes[..2] {
+        wait_for("a generation without node 3", async || {
+            online_in(h, majority).await
+        })
+        .await;
+    }
+    wait_for("node 3 out, in catchup", async || {
+        nodes[2]
+            .0
+            .status()
+            .await
+            .is_some_and(|s| s.status == NodeStatus::Catchup)
+    })
+    .await;
+    assert_eq!(
+        nodes[0].0.commit(ClientId(1)).await,
+        Some(Outcome::Committed)
+    );
+
+    nodes[2].0.silence(false).await;
+    for (h, _) in &nodes {
+        wait_for("node 3 back in the generation", async || {
+            online_in(h, all).await
+        })
+        .await;
+    }
+    wait_for("node 3 caught up", async || {
+        cluster.db(3).committed.len() == 1
+    })
+    .await;
+    for (h, j) in nodes {
+        h.shutdown().await;
+        j.await.unwrap();
+    }
+}

@@ -188,6 +188,7 @@ impl LocalCluster {
             req: Requirements {
                 nodes: cfg.nodes as u32,
                 max_connections: cfg.max_connections,
+                appliers_per_peer: crate::pg_conf::DEFAULT_APPLIERS,
             },
             extra: cfg.extra_settings.clone(),
             nodes: Vec::new(),

@@ -137,7 +137,7 @@ async fn run(cfg: NodeConfig) -> Result<(), String> {
             pg_dump: find_pg_dump(),
         },
         hub.clone(),
-        handle.watch(),
+        handle.clone(),
     ));
     for (peer, conninfo) in peers {
         let s = ReceiverSettings {

@@ -96,10 +96,14 @@ pub async fn init_node(cfg: &NodeConfig) -> Result<InitReport, InitError> {
     let observed = prereq::observe(&client)
         .await
         .map_err(sql("reading pg_settings"))?;
-    let missing: Vec<Finding> = prereq::check(&observed, cfg.nodes.len() as u32)
-        .into_iter()
-        .filter(|f| !f.ok)
-        .collect();
+    let missing: Vec<Finding> = prereq::check(
+        &observed,
+        cfg.nodes.len() as u32,
+        cfg.data_plane.appliers_per_peer as u32,
+    )
+    .into_iter()
+    .filter(|f| !f.ok)
+    .collect();
     if !missing.is_empty() {
         return Err(InitError::Prerequisites(missing));
     }

@@ -96,7 +96,7 @@ pub async fn add_node(cfg: &NodeConfig, discard_local_data: bool) -> Result<Vec<
         let obs = super::prereq::observe(&c)
             .await
             .map_err(|e| format!("node {}: {}", n.id, pg_message(&e)))?;
-        for f in super::prereq::check(&obs, size)
+        for f in super::prereq::check(&obs, size, cfg.data_plane.appliers_per_peer as u32)
             .into_iter()
             .filter(|f| !f.ok)
         {

@@ -7,6 +7,8 @@
 pub struct Requirements {
     pub nodes: u32,
     pub max_connections: u32,
+    /// `data_plane.appliers_per_peer`: each applier binds a replication origin.
+    pub appliers_per_peer: u32,
 }
 
 impl Requirements {
@@ -17,10 +19,16 @@ impl Requirements {
         self.max_connections.max(100) * self.nodes
     }
     /// One logical slot per peer (N-1), room for a joining node's catch-up
-    /// slots and a spare: 2N+2. In PostgreSQL 15 the same setting caps
-    /// replication origins, and mm binds one per applier: 4 per peer by default.
+    /// slots and a spare: 2N+2. In PostgreSQL 15 the same setting also caps
+    /// the replication origins a server ever used ("could not find free
+    /// replication state slot"), and mm uses one per applier and one for
+    /// replays (and resync) per peer: (N-1) x (appliers_per_peer + 1).
     pub fn max_replication_slots(&self) -> u32 {
-        (2 * self.nodes + 2).max(4 * self.nodes.saturating_sub(1))
+        (2 * self.nodes + 2).max(self.origins())
+    }
+    /// Replication origins a node uses: (N-1) x (appliers_per_peer + 1).
+    pub fn origins(&self) -> u32 {
+        self.nodes.saturating_sub(1) * (self.appliers_per_peer + 1)
     }
     /// Each slot is read by one walsender.
     pub fn max_wal_senders(&self) -> u32 {
@@ -48,10 +56,11 @@ pub struct Finding {
 
 /// Compares a server's settings with what an `nodes`-node mm cluster needs.
 /// Each failed finding says exactly which `postgresql.conf` line to set.
-pub fn check(obs: &Observed, nodes: u32) -> Vec<Finding> {
+pub fn check(obs: &Observed, nodes: u32, appliers_per_peer: u32) -> Vec<Finding> {
     let req = Requirements {
         nodes,
         max_connections: obs.max_connections,
+        appliers_per_peer,
     };
     let mut out = Vec::new();
     out.push(if obs.wal_level == "logical" {
@@ -102,7 +111,11 @@ pub fn check(obs: &Observed, nodes: u32) -> Vec<Finding> {
         "max_replication_slots",
         obs.max_replication_slots,
         req.max_replication_slots(),
-        format!("2 x {nodes} nodes + 2"),
+        format!(
+            "2 x {nodes} nodes + 2 slots, and {} replication origins: {} peers x ({appliers_per_peer} appliers + 1)",
+            req.origins(),
+            nodes.saturating_sub(1)
+        ),
     );
     at_least(
         "max_wal_senders",
@@ -157,9 +170,37 @@ mod tests {
             max_replication_slots: 10,
             max_wal_senders: 10,
         };
-        let f = check(&obs, 3);
+        let f = check(&obs, 3, 4);
         assert!(!f[0].ok && f[0].message.contains("`wal_level = logical`"));
         assert!(!f[1].ok && f[1].message.contains("`max_prepared_transactions = 300`"));
         assert!(f[2].ok && f[3].ok);
+    }
+
+    /// PostgreSQL 15 caps replication origins by `max_replication_slots`:
+    /// 5 nodes with 4 appliers per peer use 4 x 5 = 20 origins, more than
+    /// the 2N+2 = 12 slots.
+    #[test]
+    fn replication_slots_count_every_origin() {
+        let obs = Observed {
+            wal_level: "logical".into(),
+            max_connections: 100,
+            max_prepared_transactions: 500,
+            max_replication_slots: 16,
+            max_wal_senders: 12,
+        };
+        let f = check(&obs, 5, 4);
+        assert!(!f[2].ok, "{}", f[2].message);
+        assert!(
+            f[2].message.contains("`max_replication_slots = 20`"),
+            "{}",
+            f[2].message
+        );
+        assert!(
+            f[2].message.contains("20 replication origins"),
+            "{}",
+            f[2].message
+        );
+        assert!(check(&obs, 5, 3)[2].ok, "4 x 4 = 16 origins fit");
+        assert!(check(&obs, 3, 4)[2].ok);
     }
 }

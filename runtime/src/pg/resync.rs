@@ -25,14 +25,13 @@ use super::hub::Hub;
 use super::init::slot_for;
 use super::replication::conn::ReplicationClient;
 use super::sql::{qualified, quote_ident, quote_literal};
-use crate::driver::StatusSnapshot;
+use crate::driver::DriverHandle;
 use futures::{SinkExt, StreamExt};
 use mm_core::{NodeId, NodeStatus};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::watch;
 use tokio_postgres::{Client, NoTls};
 
 /// Schemas that are never copied: PostgreSQL's and mm's own.
@@ -75,21 +74,26 @@ struct Report {
 
 /// Wait for receivers to ask for a resync, then run it (retrying) whenever
 /// the node is in `catchup`.
-pub async fn run_resync(
-    s: ResyncSettings,
-    hub: Arc<Hub>,
-    mut status: watch::Receiver<StatusSnapshot>,
-) {
+pub async fn run_resync(s: ResyncSettings, hub: Arc<Hub>, driver: DriverHandle) {
+    let mut status = driver.watch();
     let mut attempt = 0usize;
     loop {
         hub.resync_requested().await;
-        let Ok(st) = status
-            .wait_for(|st| matches!(st.status, NodeStatus::Catchup | NodeStatus::Online))
-            .await
-            .map(|st| st.status)
-        else {
-            return; // the driver stopped
+        // A `recovery` member cannot catch up without the lost stream, and
+        // it must not be resynced while a member: it goes silent until the
+        // others vote it out (found by T2, `--slot-loss every-crash`).
+        let st = loop {
+            let st = status.borrow_and_update().status;
+            match st {
+                NodeStatus::Catchup | NodeStatus::Online => break st,
+                NodeStatus::Recovery => driver.silence(true).await,
+                NodeStatus::Isolated => {}
+            }
+            if status.changed().await.is_err() {
+                return; // the driver stopped
+            }
         };
+        driver.silence(false).await;
         if st == NodeStatus::Online && !hub.held() {
             // Online, this node holds every committed transaction (each
             // needed its vote), so a slot lost on a peer only needs making

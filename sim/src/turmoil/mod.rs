@@ -325,7 +325,8 @@ enum Action {
     Hold(NodeId, NodeId),
     Release(NodeId, NodeId),
     /// The node's slots on every peer are invalidated (it stayed away
-    /// longer than they keep WAL for it).
+    /// longer than they keep WAL for it); skipped unless the others formed
+    /// a generation without it.
     LoseSlots(NodeId),
 }
 
@@ -460,7 +461,7 @@ fn apply(sim: &mut ::turmoil::Sim<'_>, slots: &SharedSlots, n: usize, a: Action)
         Action::Repair(a, b) => sim.repair(host_name(a), host_name(b)),
         Action::Hold(a, b) => sim.hold(host_name(a), host_name(b)),
         Action::Release(a, b) => sim.release(host_name(a), host_name(b)),
-        Action::LoseSlots(x) => slots.lock().expect("lock").lose(x, n),
+        Action::LoseSlots(x) => return slots.lock().expect("lock").lose(x, n),
     }
     true
 }
@@ -528,13 +529,19 @@ async fn run_node(c: NodeCtx) -> ::turmoil::Result {
         obs: c.obs,
         lossy: c.lossy,
         tap: c.tap,
-        slots: c.slots,
+        slots: c.slots.clone(),
         broken_resync: c.broken_resync,
         rng: ChaCha8Rng::seed_from_u64(mix(c.seed ^ 0x57ea, ((c.id as u64) << 32) | c.incarnation)),
         stream_delay_max_ms: c.stream_delay_max_ms,
     };
     let cfg = core_config(c.id, c.n, c.mutant);
     let (driver, handle) = Driver::start(cfg, storage, mesh, inbox, (tx, rx)).await?;
+    c.slots.lock().expect("lock").started(c.id, handle.clone());
+    tokio::spawn(slot_loss::silence_while_stuck(
+        c.slots.clone(),
+        c.id,
+        handle.clone(),
+    ));
     c.registry.borrow_mut().insert(c.id, handle);
     driver.run().await?;
     Ok(())
@@ -744,7 +751,7 @@ pub fn run_turmoil(opts: &TurmoilOptions) -> TurmoilReport {
     let mut violations = Vec::new();
     let mut faults = vec![format!(
         "max message latency {max_latency}ms; catch-up stream delay up to {stream_delay_max_ms}ms{}",
-        if slot_loss_on { "; a crash loses the node's slots" } else { "" }
+        if slot_loss_on { "; a node back from a crash finds its slots lost" } else { "" }
     )];
     for t in &targets {
         faults.push(format!(
@@ -802,11 +809,12 @@ pub fn run_turmoil(opts: &TurmoilOptions) -> TurmoilReport {
             let line = format!("{}ms {:?}{}", now, a, if done { "" } else { " (skipped)" });
             hash.bytes(line.as_bytes());
             faults.push(line);
-            if let (Action::Crash(x), true, true) = (a, done, slot_loss_on) {
+            if let (Action::Bounce(x), true, true) = (a, done, slot_loss_on) {
                 queue.insert((now, order), Action::LoseSlots(x));
                 order += 1;
             }
         }
+        slots.lock().expect("lock").repair_online();
         if !healed && now >= HEAL_MS {
             healed = true;
             for a in 1..=n as NodeId {
@@ -817,6 +825,11 @@ pub fn run_turmoil(opts: &TurmoilOptions) -> TurmoilReport {
                 if !sim.is_host_running(host_name(a)) {
                     sim.bounce(host_name(a));
                     faults.push(format!("{now}ms heal: Bounce({a})"));
+                    if slot_loss_on {
+                        let done = apply(&mut sim, &slots, n, Action::LoseSlots(a));
+                        let skipped = if done { "" } else { " (skipped)" };
+                        faults.push(format!("{now}ms heal: LoseSlots({a}){skipped}"));
+                    }
                 }
             }
             faults.push(format!("{now}ms heal: all links repaired and released"));

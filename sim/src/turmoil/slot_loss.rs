@@ -3,20 +3,25 @@
 //! In production a node away too long finds its slot on a peer invalidated
 //! (`max_slot_wal_keep_size`): that peer's stream cannot tell it what it
 //! missed, so the node replaces its database with a donor's snapshot and
-//! goes on catching up (`runtime/src/pg/resync.rs`). Here a crash may lose
-//! the crashed node's slots on every peer; a catch-up stream a donor then
-//! starts to it becomes a resync: wait until the joiner holds nothing
+//! goes on catching up (`runtime/src/pg/resync.rs`). Here a crashed node
+//! may find, when it restarts, its slots on every peer lost, if the others
+//! formed a generation without it meanwhile (a short outage keeps them: a
+//! member whose slot is lost is a limit of the real resync too, which runs
+//! only in `catchup`); a catch-up stream a donor then starts to it becomes
+//! a resync: wait until the joiner holds nothing
 //! prepared, copy the donor's committed transactions, slots made again.
 //! The checks at the end of a run (atomicity, durability, convergence) then
 //! see whether the protocol around it kept every commit.
 
-use mm_core::NodeId;
+use mm_core::{NodeId, NodeStatus};
+use mm_runtime::driver::{DriverHandle, StatusSnapshot};
 use mm_runtime::storage::MemCluster;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::sync::watch;
 
 /// When a crash loses the crashed node's slots.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,20 +79,65 @@ pub struct Slots {
     /// (donor, joiner): the joiner's slot on the donor is invalidated.
     lost: BTreeSet<(NodeId, NodeId)>,
     pub resyncs: Vec<Resync>,
+    /// Each node's running driver and the status it publishes.
+    statuses: BTreeMap<NodeId, (DriverHandle, watch::Receiver<StatusSnapshot>)>,
 }
 
 pub type SharedSlots = Arc<Mutex<Slots>>;
 
 impl Slots {
-    /// `node`'s slots on every other of the `n` nodes are lost.
-    pub fn lose(&mut self, node: NodeId, n: usize) {
-        for donor in (1..=n as NodeId).filter(|&d| d != node) {
-            self.lost.insert((donor, node));
+    /// `node`'s slots on every other of the `n` nodes are lost, if the
+    /// others moved to a generation without it while it was away (an
+    /// outage long enough to matter); false if not.
+    pub fn lose(&mut self, node: NodeId, n: usize) -> bool {
+        let moved_on = self.statuses.iter().any(|(&p, (_, w))| {
+            p != node && w.has_changed().is_ok() && !w.borrow().generation.members.contains(node)
+        });
+        if moved_on {
+            for donor in (1..=n as NodeId).filter(|&d| d != node) {
+                self.lost.insert((donor, node));
+            }
         }
+        moved_on
     }
 
     pub fn is_lost(&self, donor: NodeId, joiner: NodeId) -> bool {
         self.lost.contains(&(donor, joiner))
+    }
+
+    /// A (re)started driver.
+    pub fn started(&mut self, node: NodeId, driver: DriverHandle) {
+        let w = driver.watch();
+        self.statuses.insert(node, (driver, w));
+    }
+
+    fn needs_resync(&self, node: NodeId) -> bool {
+        self.lost.iter().any(|&(_, j)| j == node)
+    }
+
+    /// An online node's receivers find its lost slots and make them again
+    /// where the peers are (it holds every commit, each needed its vote).
+    /// Without this, a node back online in its generation before anyone
+    /// noticed the loss kept it, and a later gap catch-up as a `recovery`
+    /// member waited for a resync that runs only in `catchup` (seed 322).
+    pub fn repair_online(&mut self) {
+        let online: Vec<NodeId> = self
+            .lost
+            .iter()
+            .map(|&(_, j)| j)
+            .filter(|&j| self.status(j) == Some(NodeStatus::Online))
+            .collect();
+        self.lost.retain(|(_, j)| !online.contains(j));
+    }
+
+    /// The node's status now; None while it is down.
+    fn status(&self, node: NodeId) -> Option<NodeStatus> {
+        let (_, w) = self.statuses.get(&node)?;
+        if w.has_changed().is_err() {
+            return None; // the driver is gone
+        }
+        let s = w.borrow().status;
+        Some(s)
     }
 }
 
@@ -115,6 +165,29 @@ pub async fn resync(
         if !slots.lock().expect("lock").is_lost(donor, joiner) {
             return false;
         }
+        // The real resync runs only while the node is in `catchup`; an
+        // online node makes a lost slot again where the peer is and streams
+        // on, as it holds every commit. Without this, seed 1094 resynced
+        // node 1 from a stream that landed after it was back online, and
+        // lost its newer commits.
+        // A `recovery` member waits until [`silence_while_stuck`] has had
+        // it voted out.
+        let status = slots.lock().expect("lock").status(joiner);
+        match status {
+            Some(NodeStatus::Catchup) => {}
+            Some(NodeStatus::Online) => {
+                slots
+                    .lock()
+                    .expect("lock")
+                    .lost
+                    .retain(|&(_, j)| j != joiner);
+                return false;
+            }
+            _ => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        }
         let waiting = cluster.db(donor).prepared.intersection(&running).count() > 0;
         // The joiner's own prepared: the resolver settles them; look again shortly.
         if waiting {
@@ -129,6 +202,27 @@ pub async fn resync(
                 rows,
             });
             return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The joiner's side, run on its host as `pg/resync.rs` runs in its mmd:
+/// while its slots are lost and it is a `recovery` member (which cannot
+/// catch up, and must not be resynced while a member), it sends its peers
+/// nothing, so they vote it out; then it is in `catchup` and the resync can
+/// run. Without this, seed 9 (`--slot-loss every-crash`) kept node 1 such
+/// a member for good.
+pub async fn silence_while_stuck(slots: SharedSlots, node: NodeId, driver: DriverHandle) {
+    let mut silenced = false;
+    loop {
+        let want = {
+            let s = slots.lock().expect("lock");
+            s.needs_resync(node) && s.status(node) == Some(NodeStatus::Recovery)
+        };
+        if want != silenced {
+            driver.silence(want).await;
+            silenced = want;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
