@@ -100,14 +100,15 @@ impl MemCluster {
     /// applied (the copy holds everything the donor's stream would have
     /// sent, and more). Refused while the joiner holds a prepared
     /// transaction, as the real resync waits for the resolver to settle them.
-    /// `omit_last` is a deliberately broken copy (a snapshot taken one
-    /// commit too early) for the checks to catch. Returns the rows copied.
+    /// `broken` is a deliberately broken copy that misses the donor's oldest
+    /// commit (as a copy that skips a table would), for the checks to
+    /// catch. Returns the rows copied.
     pub fn resync(
         &self,
         joiner: NodeId,
         donor: NodeId,
         upto_gen: Option<u64>,
-        omit_last: bool,
+        broken: bool,
     ) -> Result<usize, String> {
         let mut s = self.0.lock().expect("lock");
         let mut copy = s
@@ -121,8 +122,8 @@ impl MemCluster {
         if !j.prepared.is_empty() {
             return Err(format!("node {joiner} holds {} prepared", j.prepared.len()));
         }
-        if omit_last {
-            copy.pop();
+        if broken && !copy.is_empty() {
+            copy.remove(0);
         }
         let rows = copy.len();
         j.committed = copy;

@@ -134,33 +134,60 @@ fn every_crash(seed: u64, nodes: usize) -> TurmoilOptions {
     }
 }
 
-/// A node back from a crash during which the others formed a generation
-/// without it finds its slots lost, so its catch-up is a resync from a
-/// donor's snapshot. Seeds that failed on the way (all `--slot-loss
-/// every-crash`): 57, 118 and 189 while the model's resync did not wait
-/// for the donor's prepared transactions (the real slot creation does);
-/// 322 while a second donor's resync could run after the node was back in
-/// the generation; 9 while a `recovery` member with lost slots stayed one
-/// for good (mmd now goes silent until it is voted out).
+/// A node back from a crash during which the others committed without it
+/// finds its slots lost, so its catch-up is a resync from a donor's
+/// snapshot. Seeds that failed on the way (all `--slot-loss every-crash`):
+/// 57, 118 and 189 while the model's resync did not wait for the donor's
+/// prepared transactions (the real slot creation does); 322 while a second
+/// donor's resync could run after the node was back in the generation; 9
+/// and 23 while a `recovery` member with lost slots stayed one for good
+/// (mmd now goes silent until it is voted out).
 #[test]
 fn crashes_that_lose_slots_resync_and_lose_nothing() {
-    let mut resyncs = 0;
-    let seeds = (0..20).chain([9, 57, 118, 189, 322]);
+    let (mut resyncs, mut silences) = (0, 0);
+    let seeds = (0..20).chain([9, 23, 57, 118, 189, 322]);
     for (seed, nodes) in seeds.map(|s| (s, 3)).chain((0..10).map(|s| (s, 5))) {
         let r = run_turmoil(&every_crash(seed, nodes));
         assert_clean(&r);
         resyncs += r.resyncs.len();
+        silences += r.silences;
     }
-    assert!(resyncs >= 10, "only {resyncs} resyncs in 35 seeds");
+    assert!(resyncs >= 10, "only {resyncs} resyncs in 36 seeds");
+    assert!(silences >= 1, "no recovery member went silent in 36 seeds");
 }
 
-/// Seeds whose own draw loses slots (one in three), which failed while a
-/// crash lost the slots of a node the others had not voted out, and a
-/// stream landing after it was back online resynced it (1094, 2252, 2527).
+/// Seeds whose own draw loses slots (one in three) that failed while the
+/// model lost the slots of a node nobody had committed without (1094,
+/// 2252, 2527: a stream landing after it was back online resynced it;
+/// 1324: two nodes waited for a resync at once, with no majority left to
+/// serve one).
 #[test]
 fn seeded_slot_loss_regressions() {
-    for seed in [1094, 2252, 2527] {
+    for seed in [1094, 1324, 2252, 2527] {
         assert_clean(&run_turmoil_seed(seed, 3));
+    }
+}
+
+/// What mmd's silence is for: without it, a `recovery` member whose slots
+/// were lost stays one, and the cluster never settles.
+#[test]
+fn without_silence_a_recovery_member_with_lost_slots_stays_stuck() {
+    for seed in [23, 24] {
+        let stuck = run_turmoil(&TurmoilOptions {
+            no_silence: true,
+            ..every_crash(seed, 3)
+        });
+        assert!(
+            stuck
+                .violations
+                .iter()
+                .any(|v| v.starts_with("liveness") && v.contains("Recovery")),
+            "seed {seed}: {:?}",
+            stuck.violations
+        );
+        let r = run_turmoil(&every_crash(seed, 3));
+        assert_clean(&r);
+        assert!(r.silences > 0 && !r.resyncs.is_empty(), "{}", r.repro());
     }
 }
 
@@ -174,7 +201,7 @@ fn a_resync_that_misses_a_commit_is_caught() {
         !r.resyncs.is_empty() && r.violations.iter().any(|v| v.starts_with("atomicity"))
     });
     let Some(seed) = caught else {
-        panic!("a resync that drops the donor's last commit went unnoticed in 60 seeds");
+        panic!("a resync that drops the donor's oldest commit went unnoticed in 60 seeds");
     };
     // The same seed passes with the correct resync: the catch is the copy's.
     assert_clean(&run_turmoil(&every_crash(seed, 3)));

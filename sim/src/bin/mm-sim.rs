@@ -82,9 +82,12 @@ enum Cmd {
         #[arg(long, default_value = "seeded")]
         slot_loss: String,
         /// Use the deliberately broken resync (its copy misses the donor's
-        /// last commit).
+        /// oldest commit).
         #[arg(long)]
         broken_resync: bool,
+        /// Leave out mmd's silence of a recovery member that needs a resync.
+        #[arg(long)]
+        no_silence: bool,
         /// Print each seed's fault schedule.
         #[arg(long)]
         verbose: bool,
@@ -147,6 +150,7 @@ fn main() -> ExitCode {
             phase_faults,
             slot_loss,
             broken_resync,
+            no_silence,
             verbose,
             json,
         } => check_nodes(nodes)
@@ -173,6 +177,7 @@ fn main() -> ExitCode {
                     phase_faults,
                     slot_loss,
                     broken_resync,
+                    no_silence,
                 };
                 cmd_turmoil(seeds, opts, verbose, json)
             }),
@@ -371,7 +376,7 @@ fn cmd_turmoil(seeds: u64, base: TurmoilOptions, verbose: bool, json: bool) -> E
         violations += r.violations.len();
         resyncs += r.resyncs.len();
         println!(
-            "seed {seed}: {}ms simulated; {} committed, {} aborted, {} refused, {} unknown; {} txs; {} resyncs; settled {}; hash {:016x}; {}",
+            "seed {seed}: {}ms simulated; {} committed, {} aborted, {} refused, {} unknown; {} txs; {} resyncs ({} silenced); settled {}; hash {:016x}; {}",
             r.sim_ms,
             r.committed,
             r.aborted,
@@ -379,6 +384,7 @@ fn cmd_turmoil(seeds: u64, base: TurmoilOptions, verbose: bool, json: bool) -> E
             r.unknown,
             r.committed_txs,
             r.resyncs.len(),
+            r.silences,
             r.settled_after_ms
                 .map_or("never".to_string(), |t| format!("{t}ms after healing")),
             r.event_hash,

@@ -85,9 +85,12 @@ pub struct TurmoilOptions {
     pub phase_faults: PhaseFaults,
     /// Whether crashes lose the crashed node's replication slots.
     pub slot_loss: SlotLoss,
-    /// A deliberately broken resync: its copy misses the donor's last
+    /// A deliberately broken resync: its copy misses the donor's oldest
     /// commit. The checks must catch it.
     pub broken_resync: bool,
+    /// Leave out mmd's silence of a `recovery` member that needs a resync
+    /// (to show what it is for: such a member then stays one).
+    pub no_silence: bool,
 }
 
 impl TurmoilOptions {
@@ -100,6 +103,7 @@ impl TurmoilOptions {
             phase_faults: PhaseFaults::Random,
             slot_loss: SlotLoss::Seeded,
             broken_resync: false,
+            no_silence: false,
         }
     }
 
@@ -120,6 +124,9 @@ impl TurmoilOptions {
         }
         if self.broken_resync {
             s.push_str(" --broken-resync");
+        }
+        if self.no_silence {
+            s.push_str(" --no-silence");
         }
         s
     }
@@ -154,6 +161,8 @@ pub struct TurmoilReport {
     /// Whether this run's crashes lost slots, and the resyncs that followed.
     pub slot_loss_on: bool,
     pub resyncs: Vec<Resync>,
+    /// Times a `recovery` member with lost slots went silent to be voted out.
+    pub silences: u64,
     pub options: TurmoilOptions,
     /// Simulated time from healing to settled; None if it never settled.
     pub settled_after_ms: Option<u64>,
@@ -325,8 +334,8 @@ enum Action {
     Hold(NodeId, NodeId),
     Release(NodeId, NodeId),
     /// The node's slots on every peer are invalidated (it stayed away
-    /// longer than they keep WAL for it); skipped unless the others formed
-    /// a generation without it.
+    /// longer than they keep WAL for it); skipped unless the others
+    /// committed without it.
     LoseSlots(NodeId),
 }
 
@@ -443,7 +452,12 @@ fn target_actions(t: &Target, hit: &Hit, n: usize, now: u64) -> Vec<(u64, Action
     }
 }
 
-fn apply(sim: &mut ::turmoil::Sim<'_>, slots: &SharedSlots, n: usize, a: Action) -> bool {
+fn apply(
+    sim: &mut ::turmoil::Sim<'_>,
+    (slots, cluster): (&SharedSlots, &MemCluster),
+    n: usize,
+    a: Action,
+) -> bool {
     match a {
         Action::Crash(x) => {
             if !sim.is_host_running(host_name(x)) {
@@ -461,7 +475,7 @@ fn apply(sim: &mut ::turmoil::Sim<'_>, slots: &SharedSlots, n: usize, a: Action)
         Action::Repair(a, b) => sim.repair(host_name(a), host_name(b)),
         Action::Hold(a, b) => sim.hold(host_name(a), host_name(b)),
         Action::Release(a, b) => sim.release(host_name(a), host_name(b)),
-        Action::LoseSlots(x) => return slots.lock().expect("lock").lose(x, n),
+        Action::LoseSlots(x) => return slots.lock().expect("lock").lose(cluster, x, n),
     }
     true
 }
@@ -502,6 +516,7 @@ struct NodeCtx {
     tap: SharedTap,
     slots: SharedSlots,
     broken_resync: bool,
+    silence: bool,
     stream_delay_max_ms: u64,
 }
 
@@ -537,13 +552,16 @@ async fn run_node(c: NodeCtx) -> ::turmoil::Result {
     let cfg = core_config(c.id, c.n, c.mutant);
     let (driver, handle) = Driver::start(cfg, storage, mesh, inbox, (tx, rx)).await?;
     c.slots.lock().expect("lock").started(c.id, handle.clone());
-    tokio::spawn(slot_loss::silence_while_stuck(
-        c.slots.clone(),
-        c.id,
-        handle.clone(),
-    ));
+    let silence = slot_loss::silence_while_stuck(c.slots.clone(), c.id, handle.clone(), c.silence);
     c.registry.borrow_mut().insert(c.id, handle);
-    driver.run().await?;
+    // In this future, not a task of its own: the run stays one seed's
+    // alone when seeds run on parallel threads (with a spawned task,
+    // `same_seed_same_run` differed when run beside other tests).
+    tokio::select! {
+        biased;
+        r = driver.run() => r?,
+        _ = silence => {}
+    }
     Ok(())
 }
 
@@ -715,6 +733,7 @@ pub fn run_turmoil(opts: &TurmoilOptions) -> TurmoilReport {
             slots.clone(),
         );
         let (mutant, lossy, broken_resync) = (opts.mutant, opts.lossy_storage, opts.broken_resync);
+        let silence = !opts.no_silence;
         let boots = Cell::new(0u64);
         sim.host(host_name(id), move || {
             let incarnation = boots.get();
@@ -732,6 +751,7 @@ pub fn run_turmoil(opts: &TurmoilOptions) -> TurmoilReport {
                 tap: tap.clone(),
                 slots: slots.clone(),
                 broken_resync,
+                silence,
                 stream_delay_max_ms,
             })
         });
@@ -805,7 +825,7 @@ pub fn run_turmoil(opts: &TurmoilOptions) -> TurmoilReport {
                 break;
             }
             let a = entry.remove();
-            let done = apply(&mut sim, &slots, n, a);
+            let done = apply(&mut sim, (&slots, &cluster), n, a);
             let line = format!("{}ms {:?}{}", now, a, if done { "" } else { " (skipped)" });
             hash.bytes(line.as_bytes());
             faults.push(line);
@@ -826,7 +846,7 @@ pub fn run_turmoil(opts: &TurmoilOptions) -> TurmoilReport {
                     sim.bounce(host_name(a));
                     faults.push(format!("{now}ms heal: Bounce({a})"));
                     if slot_loss_on {
-                        let done = apply(&mut sim, &slots, n, Action::LoseSlots(a));
+                        let done = apply(&mut sim, (&slots, &cluster), n, Action::LoseSlots(a));
                         let skipped = if done { "" } else { " (skipped)" };
                         faults.push(format!("{now}ms heal: LoseSlots({a}){skipped}"));
                     }
@@ -856,7 +876,11 @@ pub fn run_turmoil(opts: &TurmoilOptions) -> TurmoilReport {
         }
     }
 
-    let resyncs = std::mem::take(&mut slots.lock().expect("lock").resyncs);
+    let (resyncs, silences) = {
+        let mut s = slots.lock().expect("lock");
+        (std::mem::take(&mut s.resyncs), s.silences)
+    };
+    hash.u64(silences);
     for r in &resyncs {
         hash.bytes(format!("{r:?}").as_bytes());
     }
@@ -963,6 +987,7 @@ pub fn run_turmoil(opts: &TurmoilOptions) -> TurmoilReport {
         streams_dropped,
         slot_loss_on,
         resyncs,
+        silences,
         options: opts.clone(),
     }
 }

@@ -5,15 +5,13 @@
 //! missed, so the node replaces its database with a donor's snapshot and
 //! goes on catching up (`runtime/src/pg/resync.rs`). Here a crashed node
 //! may find, when it restarts, its slots on every peer lost, if the others
-//! formed a generation without it meanwhile (a short outage keeps them: a
-//! member whose slot is lost is a limit of the real resync too, which runs
-//! only in `catchup`); a catch-up stream a donor then starts to it becomes
-//! a resync: wait until the joiner holds nothing
+//! committed without it meanwhile; a catch-up stream a donor then starts
+//! to it becomes a resync: wait until the joiner holds nothing
 //! prepared, copy the donor's committed transactions, slots made again.
 //! The checks at the end of a run (atomicity, durability, convergence) then
 //! see whether the protocol around it kept every commit.
 
-use mm_core::{NodeId, NodeStatus};
+use mm_core::{Gid, NodeId, NodeStatus};
 use mm_runtime::driver::{DriverHandle, StatusSnapshot};
 use mm_runtime::storage::MemCluster;
 use std::collections::{BTreeMap, BTreeSet};
@@ -79,6 +77,8 @@ pub struct Slots {
     /// (donor, joiner): the joiner's slot on the donor is invalidated.
     lost: BTreeSet<(NodeId, NodeId)>,
     pub resyncs: Vec<Resync>,
+    /// Times a `recovery` member with lost slots went silent.
+    pub silences: u64,
     /// Each node's running driver and the status it publishes.
     statuses: BTreeMap<NodeId, (DriverHandle, watch::Receiver<StatusSnapshot>)>,
 }
@@ -87,18 +87,23 @@ pub type SharedSlots = Arc<Mutex<Slots>>;
 
 impl Slots {
     /// `node`'s slots on every other of the `n` nodes are lost, if the
-    /// others moved to a generation without it while it was away (an
-    /// outage long enough to matter); false if not.
-    pub fn lose(&mut self, node: NodeId, n: usize) -> bool {
-        let moved_on = self.statuses.iter().any(|(&p, (_, w))| {
-            p != node && w.has_changed().is_ok() && !w.borrow().generation.members.contains(node)
-        });
-        if moved_on {
+    /// others committed without it while it was away (slots are lost to
+    /// WAL written meanwhile: a generation that excluded it but committed
+    /// nothing cannot, and then no majority holds what a resync would copy,
+    /// as seed 1324 showed with two nodes waiting for a resync at once);
+    /// false if not.
+    pub fn lose(&mut self, cluster: &MemCluster, node: NodeId, n: usize) -> bool {
+        let db = cluster.db(node);
+        let held: BTreeSet<Gid> = db.committed.iter().chain(&db.prepared).copied().collect();
+        let missed = (1..=n as NodeId)
+            .filter(|&p| p != node)
+            .any(|p| cluster.db(p).committed.iter().any(|g| !held.contains(g)));
+        if missed {
             for donor in (1..=n as NodeId).filter(|&d| d != node) {
                 self.lost.insert((donor, node));
             }
         }
-        moved_on
+        missed
     }
 
     pub fn is_lost(&self, donor: NodeId, joiner: NodeId) -> bool {
@@ -213,14 +218,25 @@ pub async fn resync(
 /// nothing, so they vote it out; then it is in `catchup` and the resync can
 /// run. Without this, seed 9 (`--slot-loss every-crash`) kept node 1 such
 /// a member for good.
-pub async fn silence_while_stuck(slots: SharedSlots, node: NodeId, driver: DriverHandle) {
+pub async fn silence_while_stuck(
+    slots: SharedSlots,
+    node: NodeId,
+    driver: DriverHandle,
+    enabled: bool,
+) {
     let mut silenced = false;
+    if !enabled {
+        return std::future::pending().await;
+    }
     loop {
         let want = {
             let s = slots.lock().expect("lock");
             s.needs_resync(node) && s.status(node) == Some(NodeStatus::Recovery)
         };
         if want != silenced {
+            if want {
+                slots.lock().expect("lock").silences += 1;
+            }
             driver.silence(want).await;
             silenced = want;
         }
