@@ -80,12 +80,10 @@ async fn online_in(h: &DriverHandle, members: NodeSet) -> bool {
     })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn commit_failover_and_rejoin_over_tcp() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
+type Running = Vec<(DriverHandle, JoinHandle<()>)>;
+
+/// N drivers on loopback, each online with links to all the others.
+async fn start_cluster() -> (Vec<SocketAddr>, MemCluster, Running) {
     let addrs = free_addrs(N);
     let cluster = MemCluster::new(N);
     let mut nodes = Vec::new();
@@ -96,6 +94,17 @@ async fn commit_failover_and_rejoin_over_tcp() {
     for (h, _) in &nodes {
         wait_for("every node online", async || online_in(h, all).await).await;
     }
+    (addrs, cluster, nodes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_failover_and_rejoin_over_tcp() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let (addrs, cluster, mut nodes) = start_cluster().await;
+    let all = NodeSet::first_n(N);
 
     assert_eq!(
         nodes[0].0.commit(ClientId(1)).await,
@@ -157,16 +166,8 @@ async fn commit_failover_and_rejoin_over_tcp() {
 /// `catchup`), and it is let back in once it speaks again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silenced_node_is_voted_out_and_rejoins_when_it_speaks_again() {
-    let addrs = free_addrs(N);
-    let cluster = MemCluster::new(N);
-    let mut nodes = Vec::new();
-    for id in 1..=N as NodeId {
-        nodes.push(start(id, &addrs, &cluster).await);
-    }
+    let (_, cluster, nodes) = start_cluster().await;
     let all = NodeSet::first_n(N);
-    for (h, _) in &nodes {
-        wait_for("every node online", async || online_in(h, all).await).await;
-    }
 
     nodes[2].0.silence(true).await;
     let majority: NodeSet = [1, 2].into_iter().collect();
