@@ -325,12 +325,9 @@ pub(crate) async fn make_slot(
         ))
         .await
         .map_err(|e| e.to_string())?;
-    let lost = rows
-        .first()
-        .is_some_and(|r| r.first().cloned().flatten().as_deref() == Some("lost"));
     match rows.first() {
         None => {}
-        Some(_) if replace_lost && lost => repl
+        Some(r) if replace_lost && r.first().cloned().flatten().as_deref() == Some("lost") => repl
             .drop_slot(&slot, true)
             .await
             .map_err(|e| e.to_string())?,

@@ -116,6 +116,11 @@ impl Slots {
         self.statuses.insert(node, (driver, w));
     }
 
+    /// `node`'s slots are made again on every peer.
+    fn remake(&mut self, node: NodeId) {
+        self.lost.retain(|&(_, j)| j != node);
+    }
+
     fn needs_resync(&self, node: NodeId) -> bool {
         self.lost.iter().any(|&(_, j)| j == node)
     }
@@ -132,7 +137,9 @@ impl Slots {
             .map(|&(_, j)| j)
             .filter(|&j| self.status(j) == Some(NodeStatus::Online))
             .collect();
-        self.lost.retain(|(_, j)| !online.contains(j));
+        for j in online {
+            self.remake(j);
+        }
     }
 
     /// The node's status now; None while it is down.
@@ -181,11 +188,7 @@ pub async fn resync(
         match status {
             Some(NodeStatus::Catchup) => {}
             Some(NodeStatus::Online) => {
-                slots
-                    .lock()
-                    .expect("lock")
-                    .lost
-                    .retain(|&(_, j)| j != joiner);
+                slots.lock().expect("lock").remake(joiner);
                 return false;
             }
             _ => {
@@ -193,14 +196,17 @@ pub async fn resync(
                 continue;
             }
         }
-        let waiting = cluster.db(donor).prepared.intersection(&running).count() > 0;
-        // The joiner's own prepared: the resolver settles them; look again shortly.
-        if waiting {
-        } else if let Ok(rows) = cluster.resync(joiner, donor, upto_gen, broken) {
+        let donor_done = cluster.db(donor).prepared.is_disjoint(&running);
+        // Refused while the joiner holds prepared ones: the resolver
+        // settles them; look again shortly.
+        let copied = donor_done
+            .then(|| cluster.resync(joiner, donor, upto_gen, broken).ok())
+            .flatten();
+        if let Some(rows) = copied {
             let mut s = slots.lock().expect("lock");
             // The real resync makes the joiner's lost slots on every peer
             // again before it copies.
-            s.lost.retain(|&(_, j)| j != joiner);
+            s.remake(joiner);
             s.resyncs.push(Resync {
                 joiner,
                 donor,
