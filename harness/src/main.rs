@@ -85,6 +85,20 @@ enum Cmd {
         #[arg(long)]
         no_link_cuts: bool,
     },
+    /// Start an mm cluster (N PostgreSQL 15 + one mmd each) on 127.0.0.1
+    /// and keep it running until Ctrl-C or SIGTERM; the last line printed is
+    /// JSON with each node's client address, DSN, data directory and logs.
+    Up {
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// Work directory (wiped on start if mm-harness created it).
+        /// Default: target/mm-work/up.
+        #[arg(long)]
+        workdir: Option<PathBuf>,
+        /// fsync = off (faster; for tests only: not safe against an OS crash).
+        #[arg(long)]
+        no_fsync: bool,
+    },
     /// Start N plain PostgreSQL 15 nodes on 127.0.0.1 and wait for Ctrl-C.
     PgUp {
         #[arg(long, default_value_t = 3)]
@@ -202,6 +216,11 @@ async fn main() -> ExitCode {
             };
             chaos(opts, json).await
         }
+        Cmd::Up {
+            nodes,
+            workdir,
+            no_fsync,
+        } => up(nodes, workdir, no_fsync).await,
         Cmd::PgUp {
             nodes,
             workdir,
@@ -346,6 +365,55 @@ async fn bench_baselines(
     } else {
         ExitCode::FAILURE
     }
+}
+
+async fn up(nodes: usize, workdir: Option<PathBuf>, no_fsync: bool) -> ExitCode {
+    use mm_harness::mm_cluster::{MmCluster, MmOptions};
+    let mut cfg = LocalClusterConfig::new("up", nodes);
+    cfg.work_dir = workdir;
+    cfg.fsync = !no_fsync;
+    cfg.stop_on_signal = false;
+    let ctrl_c = tokio::spawn(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    });
+    tokio::task::yield_now().await;
+    let cluster = match MmCluster::start(cfg, MmOptions::default()).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("mm-harness up: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let list: Vec<serde_json::Value> = cluster
+        .nodes
+        .iter()
+        .map(|n| {
+            let pg = cluster.pg.node(n.id - 1);
+            serde_json::json!({
+                "id": n.id,
+                "client": format!("127.0.0.1:{}", n.client_port),
+                "dsn": n.client_conninfo(cluster.dbname()),
+                "postgres_dsn": pg.conninfo(),
+                "data_dir": pg.data_dir,
+                "config": n.config_path,
+                "logs": [n.log_path.clone(), pg.log_file.clone()],
+            })
+        })
+        .collect();
+    eprintln!(
+        "mm-harness up: {} nodes online; Ctrl-C stops them",
+        list.len()
+    );
+    println!("{}", serde_json::json!({ "nodes": list }));
+    let _ = ctrl_c.await;
+    eprintln!("mm-harness up: stopping");
+    drop(cluster);
+    ExitCode::SUCCESS
 }
 
 async fn pg_up(nodes: usize, workdir: Option<PathBuf>, no_fsync: bool) -> ExitCode {
