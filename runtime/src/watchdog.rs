@@ -46,7 +46,7 @@ pub async fn local_postgres_lost(conninfo: String, grace: Duration) -> String {
 
 async fn probe(conninfo: &str, client: &mut Option<tokio_postgres::Client>) -> Result<(), String> {
     if client.as_ref().is_none_or(|c| c.is_closed()) {
-        let (c, conn) = tokio_postgres::connect(conninfo, NoTls)
+        let (c, conn) = tokio_postgres::connect(&crate::pg::named(conninfo, "watchdog"), NoTls)
             .await
             .map_err(|e| e.to_string())?;
         tokio::spawn(async move {

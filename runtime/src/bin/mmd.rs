@@ -48,22 +48,25 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // MMD_THREADS=N: tokio worker threads (default: one per core).
-    // MMD_THREADS=1 runs everything on one thread.
-    let threads: Option<usize> = std::env::var("MMD_THREADS")
+    // One thread by default: mmd's work is many small hops between tasks
+    // (proxy sessions, driver, receivers, appliers), and on one thread a hop
+    // is a queue push instead of a cross-thread wake-up. Measured on 2 cores
+    // under the seed workload: 111 script-tps and a 3.5 ms single-row INSERT
+    // on one thread, 84 and 5.3 ms with a worker per core (docs/performance.md).
+    // MMD_THREADS=N (N > 1) runs N worker threads instead.
+    let threads: usize = std::env::var("MMD_THREADS")
         .ok()
-        .and_then(|s| s.parse().ok());
-    let built = match threads {
-        Some(1) => tokio::runtime::Builder::new_current_thread()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    let built = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
             .enable_all()
-            .build(),
-        Some(n) => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(n)
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
             .enable_all()
-            .build(),
-        None => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build(),
+            .build()
     };
     let rt = match built {
         Ok(rt) => rt,

@@ -93,7 +93,7 @@ pub async fn run_applier(
 /// `origin` (created first if `create`), as a replica (no triggers, no FK
 /// checks: they ran on the origin), allowed to write.
 pub async fn origin_session(conninfo: &str, origin: &str, create: bool) -> Result<Client, String> {
-    let (client, conn) = tokio_postgres::connect(conninfo, NoTls)
+    let (client, conn) = tokio_postgres::connect(&super::named(conninfo, origin), NoTls)
         .await
         .map_err(|e| e.to_string())?;
     tokio::spawn(async move {

@@ -33,7 +33,7 @@ pub async fn run_finisher(
         let mut delay = Duration::from_millis(50);
         loop {
             if client.as_ref().is_none_or(|c| c.is_closed()) {
-                match tokio_postgres::connect(&conninfo, NoTls).await {
+                match tokio_postgres::connect(&super::named(&conninfo, "finisher"), NoTls).await {
                     Ok((c, conn)) => {
                         tokio::spawn(async move {
                             let _ = conn.await;

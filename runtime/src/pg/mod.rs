@@ -33,6 +33,26 @@ pub use state::StateStore;
 
 use crate::storage::StorageError;
 
+/// `conninfo` with `application_name=mmd <role>`, so `pg_stat_activity`
+/// (and a profile by process) tells mmd's sessions apart: the state store,
+/// appliers, finishers, receivers. An application_name already in the
+/// connection string wins (it comes first for libpq and tokio-postgres
+/// alike, so it is not appended twice).
+pub fn named(conninfo: &str, role: &str) -> String {
+    if conninfo.contains("application_name") {
+        return conninfo.to_string();
+    }
+    if conninfo.contains("://") {
+        let sep = if conninfo.contains('?') { '&' } else { '?' };
+        format!(
+            "{conninfo}{sep}application_name=mmd%20{}",
+            role.replace(' ', "%20")
+        )
+    } else {
+        format!("{conninfo} application_name='mmd {role}'")
+    }
+}
+
 /// A tokio-postgres error as a [`StorageError`], with PostgreSQL's own
 /// message (and SQLSTATE) when the server sent one.
 pub(crate) fn db_error(context: &str, e: &tokio_postgres::Error) -> StorageError {

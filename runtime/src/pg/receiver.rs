@@ -115,9 +115,12 @@ async fn stream_once(
     hub: &Arc<Hub>,
     results: &UnboundedSender<Input>,
 ) -> Result<(), String> {
-    let client = ReplicationClient::connect(&s.peer_conninfo)
-        .await
-        .map_err(|e| format!("connecting to {}: {e}", redact(&s.peer_conninfo)))?;
+    let client = ReplicationClient::connect(&super::named(
+        &s.peer_conninfo,
+        &format!("receiver for node {}", s.me),
+    ))
+    .await
+    .map_err(|e| format!("connecting to {}: {e}", redact(&s.peer_conninfo)))?;
     let mut stream = client
         .start(&slot_for(s.me), PUBLICATION, Lsn(0))
         .await

@@ -145,6 +145,9 @@ impl StateStore {
         if cfg.get_connect_timeout().is_none() {
             cfg.connect_timeout(DEFAULT_CONNECT_TIMEOUT);
         }
+        if cfg.get_application_name().is_none() {
+            cfg.application_name("mmd state");
+        }
         let (client, conn) = cfg
             .connect(NoTls)
             .await
