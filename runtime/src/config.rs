@@ -118,6 +118,10 @@ pub struct NodeConfig {
     pub nodes: BTreeMap<NodeId, NodeEntry>,
     pub timeouts: Timeouts,
     pub data_plane: DataPlaneConfig,
+    /// Where the durable protocol state lives (`[state] dir`; default
+    /// `mmd-state` beside the config file). Must outlive restarts, like
+    /// the PostgreSQL data directory it belongs with.
+    pub state_dir: PathBuf,
 }
 
 impl std::fmt::Debug for NodeConfig {
@@ -131,6 +135,7 @@ impl std::fmt::Debug for NodeConfig {
             .field("nodes", &self.nodes)
             .field("timeouts", &self.timeouts)
             .field("data_plane", &self.data_plane)
+            .field("state_dir", &self.state_dir)
             .finish()
     }
 }
@@ -245,6 +250,14 @@ struct RawConfig {
     timeouts: RawTimeouts,
     #[serde(default)]
     data_plane: RawDataPlane,
+    #[serde(default)]
+    state: RawState,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawState {
+    dir: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -461,6 +474,12 @@ impl NodeConfig {
             }
         }
 
+        let state_dir = raw.state.dir.unwrap_or_else(|| PathBuf::from("mmd-state"));
+        let state_dir = match base {
+            Some(b) if state_dir.is_relative() => b.join(state_dir),
+            _ => state_dir,
+        };
+
         Ok(NodeConfig {
             cluster_id: raw.cluster_id,
             node_id: raw.node_id,
@@ -472,6 +491,7 @@ impl NodeConfig {
             nodes,
             timeouts,
             data_plane,
+            state_dir,
         })
     }
 

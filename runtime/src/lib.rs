@@ -17,6 +17,7 @@ pub mod driver;
 pub mod mesh;
 pub mod pg;
 pub mod proxy;
+pub mod state_log;
 pub mod status;
 pub mod storage;
 pub mod watchdog;

@@ -487,7 +487,7 @@ impl DockerCluster {
             "cluster_id = \"{}\"\nnode_id = {}\nsecret = \"docker test cluster secret\"\n\n\
              [listen]\nmesh = \"0.0.0.0:{MESH_PORT}\"\nclient = \"0.0.0.0:{CLIENT_PORT}\"\n\n\
              [postgres]\nconninfo = \"host=/var/run/postgresql port={PG_PORT} user=postgres \
-             dbname=postgres\"\n\n{extra}\n\n{peers}",
+             dbname=postgres\"\n\n[state]\ndir = \"/var/lib/mm/state\"\n\n{extra}\n\n{peers}",
             self.name, self.nodes[i].id
         );
         NodeConfig::parse(&text)

@@ -1,5 +1,6 @@
 //! The PostgreSQL storage adapter: the [`Storage`] trait `mmd`'s driver
-//! runs on. Durable protocol state goes to the `mm` schema ([`StateStore`]);
+//! runs on. Durable protocol state goes to mmd's state log ([`StateLog`],
+//! found through and imported once from the `mm` schema, [`StateStore`]);
 //! database commands go to the session that owns the client's transaction
 //! (local prepare), the appliers (remote prepare), the finishers (commit or
 //! roll back prepared) or a donor's catch-up mark.
@@ -11,6 +12,7 @@ use super::remote_tx::CATCHUP_PREFIX;
 use super::sql::quote_literal;
 use super::StateStore;
 use crate::config::NodeConfig;
+use crate::state_log::StateLog;
 use crate::storage::{Loaded, Storage, StorageError};
 use mm_core::{DbCmd, DbResult, DurableOp, Input, NodeId};
 use std::collections::BTreeMap;
@@ -20,6 +22,9 @@ use tokio_postgres::NoTls;
 
 pub struct PgStorage {
     state: StateStore,
+    state_dir: std::path::PathBuf,
+    /// Open once [`Storage::load`] has run.
+    log: Option<StateLog>,
     hub: Arc<Hub>,
     conninfo: String,
     appliers: BTreeMap<NodeId, async_channel::Sender<ApplyJob>>,
@@ -58,6 +63,8 @@ impl PgStorage {
         }
         Ok(PgStorage {
             state,
+            state_dir: cfg.state_dir.clone(),
+            log: None,
             hub,
             conninfo,
             appliers,
@@ -80,9 +87,65 @@ impl PgStorage {
     }
 }
 
+impl PgStorage {
+    /// Opens the state log, checking it belongs with this database: a
+    /// database that says its state is in a log that is not there, or a log
+    /// holding a node's state beside a database that never had one, would
+    /// otherwise start as a fresh node and forget its promises.
+    async fn open_log(&mut self) -> Result<Option<mm_core::DurableState>, StorageError> {
+        let dir = self.state_dir.clone();
+        let shown = dir.display().to_string();
+        let marker = self.state.state_log_marker().await?;
+        let present = StateLog::exists(&dir);
+        if let (false, Some(m)) = (present, &marker) {
+            return Err(StorageError::Db(format!(
+                "this node's protocol state was kept in the state log {m}, and there is \
+                 none at {shown}: restore that directory (or set [state] dir to it); to \
+                 start the node anew, give it a new database and run `mmctl add-node`"
+            )));
+        }
+        let (mut log, state) = StateLog::open(&dir)?;
+        if marker.is_none() {
+            if state.is_some() {
+                return Err(StorageError::Db(format!(
+                    "the state log at {shown} holds a node's state, but this database has \
+                     never used one (mm.state_log is empty): it belongs to another database"
+                )));
+            }
+            // First start with a log: bring over the state an older mmd kept in tables.
+            let imported = match self.state.load().await? {
+                Loaded::Existing { durable, .. } => {
+                    log.import(&durable).await?;
+                    tracing::info!(dir = %shown, "imported the protocol state from mm.tx_state");
+                    Some(durable)
+                }
+                Loaded::Fresh => None,
+            };
+            self.state.set_state_log_marker(&shown).await?;
+            self.log = Some(log);
+            return Ok(imported);
+        }
+        self.log = Some(log);
+        Ok(state)
+    }
+
+    fn log(&mut self) -> Result<&mut StateLog, StorageError> {
+        self.log
+            .as_mut()
+            .ok_or_else(|| StorageError::Db("the state log is not open yet".into()))
+    }
+}
+
 impl Storage for PgStorage {
     async fn load(&mut self) -> Result<Loaded, StorageError> {
-        let loaded = self.state.load().await?;
+        let state = self.open_log().await?;
+        let loaded = match state {
+            None => Loaded::Fresh,
+            Some(durable) => Loaded::Existing {
+                durable,
+                prepared: self.state.prepared_gids().await?,
+            },
+        };
         if let Loaded::Existing { durable, .. } = &loaded {
             self.hub.set_last_online_gen(durable.last_online_gen);
         }
@@ -90,13 +153,11 @@ impl Storage for PgStorage {
     }
 
     async fn persist(&mut self, op: &DurableOp) -> Result<(), StorageError> {
-        self.state.persist(op).await?;
-        self.note_durable(std::slice::from_ref(op));
-        Ok(())
+        self.persist_batch(std::slice::from_ref(op)).await
     }
 
     async fn persist_batch(&mut self, ops: &[DurableOp]) -> Result<(), StorageError> {
-        self.state.persist_batch(ops).await?;
+        self.log()?.append(ops).await?;
         self.note_durable(ops);
         Ok(())
     }

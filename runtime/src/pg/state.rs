@@ -1,4 +1,8 @@
-//! The durable protocol state in the `mm` schema of the local database.
+//! The `mm` schema of the local database, and the durable protocol state as
+//! it was kept there before mmd's own state log (`crate::state_log`): mmd
+//! reads `node_state`/`tx_state` once, to import them into a new log, and
+//! `mm.state_log` records where the log is. [`StateStore::persist`] still
+//! writes that older form (tests build the states an import must read).
 //!
 //! Schema (created by [`StateStore::init_schema`], idempotent):
 //!
@@ -70,6 +74,14 @@ CREATE TABLE IF NOT EXISTS mm.resync_request (
     reason text NOT NULL,
     requested_at timestamptz NOT NULL DEFAULT now()
 );
+-- Where this node's protocol state lives (crate::state_log): a database
+-- whose state log is missing, or a log beside the wrong database, is
+-- refused at start instead of being taken for a fresh node.
+CREATE TABLE IF NOT EXISTS mm.state_log (
+    singleton bool PRIMARY KEY DEFAULT true CHECK (singleton),
+    dir text NOT NULL
+);
+-- Before the state log: read once, to import it (crate::pg::adapter).
 CREATE TABLE IF NOT EXISTS mm.tx_state (
     gid text PRIMARY KEY,
     promised_round bigint,
@@ -231,6 +243,48 @@ impl StateStore {
         }
         let prepared = self.prepared_gids().await?;
         Ok(Loaded::Existing { durable, prepared })
+    }
+
+    /// The directory of this node's state log, if it has one.
+    pub async fn state_log_marker(&self) -> Result<Option<String>, StorageError> {
+        self.client
+            .batch_execute(
+                "CREATE TABLE IF NOT EXISTS mm.state_log (\
+                 singleton bool PRIMARY KEY DEFAULT true CHECK (singleton), dir text NOT NULL)",
+            )
+            .await
+            .map_err(|e| db_error("creating mm.state_log", &e))?;
+        let row = self
+            .client
+            .query_opt("SELECT dir FROM mm.state_log", &[])
+            .await
+            .map_err(|e| db_error("reading mm.state_log", &e))?;
+        row.map(|r| r.try_get(0))
+            .transpose()
+            .map_err(|e| db_error("reading mm.state_log.dir", &e))
+    }
+
+    /// Records that the state now lives in the log at `dir`, and empties the
+    /// tables it was kept in before, in one transaction.
+    pub async fn set_state_log_marker(&mut self, dir: &str) -> Result<(), StorageError> {
+        let tx = self
+            .client
+            .transaction()
+            .await
+            .map_err(|e| db_error("beginning the state log marker", &e))?;
+        tx.execute(
+            "INSERT INTO mm.state_log (singleton, dir) VALUES (true, $1) \
+             ON CONFLICT (singleton) DO UPDATE SET dir = EXCLUDED.dir",
+            &[&dir],
+        )
+        .await
+        .map_err(|e| db_error("writing mm.state_log", &e))?;
+        tx.batch_execute("DELETE FROM mm.node_state; DELETE FROM mm.tx_state")
+            .await
+            .map_err(|e| db_error("emptying mm.node_state and mm.tx_state", &e))?;
+        tx.commit()
+            .await
+            .map_err(|e| db_error("committing the state log marker", &e))
     }
 
     /// The mm gids of the transactions prepared in this database.
