@@ -8,7 +8,7 @@
 //! coordinator or a resolver) ends the transaction.
 
 use crate::durable::{DurableOp, TxRecord};
-use crate::ids::{Ballot, ClientId, Gid, NodeId, NodeSet};
+use crate::ids::{Ballot, ClientId, Gid, NodeId, NodeSet, Time};
 use crate::messages::{Message, NodeStatus};
 use crate::node::{CoordPhase, CoordTx, InDoubt, Node};
 use crate::{AbortReason, DbCmd, Event, Outcome, Output};
@@ -38,6 +38,7 @@ impl Node {
                 yes: NodeSet::EMPTY,
                 acks: NodeSet::EMPTY,
                 deadline: self.now + self.cfg.vote_timeout,
+                nudged: self.now,
             },
         );
         self.db(DbCmd::PrepareLocal { client, gid });
@@ -328,7 +329,53 @@ impl Node {
         }
     }
 
+    /// Participant: the data plane is still busy with a peer's `gid`.
+    pub(crate) fn on_remote_progress(&mut self, gid: Gid) {
+        if gid.origin != self.cfg.id && self.record(gid).decided.is_none() {
+            self.send(gid.origin, Message::TxProgress { gid });
+        }
+    }
+
+    /// Someone is still working on `gid`: a member still applying it (we are
+    /// its origin: its vote may take longer), or its origin still collecting
+    /// the others' votes (we voted yes: no resolver yet). Timers only: a late
+    /// vote or decision is judged by the usual rules.
+    pub(crate) fn on_tx_progress(&mut self, from: NodeId, gid: Gid) {
+        let (now, wait) = (self.now, self.cfg.vote_timeout);
+        if let Some(c) = self.coord.get_mut(&gid) {
+            let collecting = matches!(
+                c.phase,
+                CoordPhase::PreparingLocally | CoordPhase::CollectingVotes
+            );
+            if collecting && c.members.contains(from) && !c.yes.contains(from) {
+                c.deadline = c.deadline.max(now + wait);
+            }
+        } else if from == gid.origin && !self.resolving.contains_key(&gid) {
+            if let Some(d) = self.in_doubt.get_mut(&gid) {
+                d.since = d.since.max(now);
+            }
+        }
+    }
+
+    /// Tell the members that voted yes on a transaction still collecting
+    /// votes that it is, before their resolvers would take over.
+    fn nudge_voters(&mut self) {
+        let every = Time(self.cfg.resolve_after.0 / 2);
+        let now = self.now;
+        let mut due = Vec::new();
+        for (gid, c) in self.coord.iter_mut() {
+            if c.phase == CoordPhase::CollectingVotes && now.saturating_sub(c.nudged) >= every {
+                c.nudged = now;
+                due.push((*gid, c.yes.minus(NodeSet::single(self.cfg.id))));
+            }
+        }
+        for (gid, voters) in due {
+            self.send_all(voters, Message::TxProgress { gid });
+        }
+    }
+
     pub(crate) fn commit_tick(&mut self) {
+        self.nudge_voters();
         let expired: Vec<Gid> = self
             .coord
             .iter()

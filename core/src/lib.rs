@@ -46,7 +46,10 @@ pub struct Config {
     pub heartbeat_interval: Time,
     /// A peer unheard for this long is disconnected.
     pub heartbeat_timeout: Time,
-    /// How long a coordinator waits for every member's vote.
+    /// How long a coordinator waits for a member's vote with no word from
+    /// it (`TxProgress` from a member still receiving or applying restarts
+    /// the wait): a bound on silence, not on size. Dead members are found by
+    /// the heartbeats first.
     pub vote_timeout: Time,
     /// How long a prepared, undecided transaction waits before this node resolves it.
     pub resolve_after: Time,
@@ -94,7 +97,7 @@ impl Config {
             tick_interval: Time::from_millis(50),
             heartbeat_interval: Time::from_millis(200),
             heartbeat_timeout: Time::from_millis(2000),
-            vote_timeout: Time::from_millis(1500),
+            vote_timeout: Time::from_millis(5000),
             resolve_after: Time::from_millis(2500),
             retry_interval: Time::from_millis(400),
             catchup_timeout: Time::from_millis(3000),
@@ -142,6 +145,10 @@ pub enum Input {
     /// The data plane delivered a peer's prepared transaction. The core
     /// answers with `Db(ApplyAndPrepare)` or `Db(Discard)`.
     RemoteTx { gid: Gid },
+    /// The data plane is still receiving or applying a peer's `gid` (a
+    /// large transaction): the core tells the origin, which waits on.
+    /// Drivers send it at most every few hundred milliseconds per gid.
+    RemoteProgress { gid: Gid },
     /// Result of a database command.
     Db(DbResult),
     /// The driver applied a donor's catch-up stream `(from_gen, upto_gen)`.

@@ -70,6 +70,11 @@ pub enum Message {
 
     /// Participant's vote on a transaction it was asked to apply.
     TxVote { gid: Gid, yes: bool },
+    /// "Still working on it": a participant still receiving or applying
+    /// `gid` tells its origin, and an origin still collecting votes tells
+    /// the members that voted yes. The waits for a vote and for a decision
+    /// are bounds on silence, not on a transaction's size.
+    TxProgress { gid: Gid },
     /// Phase 2 of a ballot: precommit (`commit`) or pre-abort at `ballot`.
     /// The coordinator's precommit is `ballot == Ballot::COORDINATOR`.
     Accept {
@@ -113,6 +118,7 @@ impl Message {
             Message::GenVote { .. } => "GenVote",
             Message::NewGen { .. } => "NewGen",
             Message::TxVote { .. } => "TxVote",
+            Message::TxProgress { .. } => "TxProgress",
             Message::Accept { .. } => "Accept",
             Message::Accepted { .. } => "Accepted",
             Message::Decision { .. } => "Decision",
@@ -127,6 +133,7 @@ impl Message {
     pub fn gid(&self) -> Option<Gid> {
         match self {
             Message::TxVote { gid, .. }
+            | Message::TxProgress { gid }
             | Message::Accept { gid, .. }
             | Message::Accepted { gid, .. }
             | Message::Decision { gid, .. }

@@ -32,6 +32,9 @@ pub(crate) struct CoordTx {
     pub yes: NodeSet,
     pub acks: NodeSet,
     pub deadline: Time,
+    /// When the members that voted yes last heard "still collecting" (they
+    /// would otherwise start resolving it).
+    pub nudged: Time,
 }
 
 /// A transaction prepared in the local database whose outcome is not known here.
@@ -201,6 +204,7 @@ impl Node {
             Input::Receive { from, msg } => self.on_message(from, msg),
             Input::CommitRequest { client } => self.on_commit_request(client),
             Input::RemoteTx { gid } => self.on_remote_tx(gid),
+            Input::RemoteProgress { gid } => self.on_remote_progress(gid),
             Input::Db(res) => match res {
                 DbResult::LocalPrepared { client, gid, ok } => {
                     self.on_local_prepared(client, gid, ok)
@@ -302,6 +306,7 @@ impl Node {
             } => self.on_gen_vote(from, num, granted, last_online_gen),
             Message::NewGen { gen } => self.on_new_gen(gen),
             Message::TxVote { gid, yes } => self.on_vote(from, gid, yes),
+            Message::TxProgress { gid } => self.on_tx_progress(from, gid),
             Message::Accept {
                 gid,
                 ballot,

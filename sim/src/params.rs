@@ -42,6 +42,10 @@ pub struct Params {
     pub db_latency_max_us: u64,
     pub workload: WorkloadParams,
     pub faults: FaultPlan,
+    /// The nodes' vote timeout: swarm-chosen on both sides of the heartbeat
+    /// timeout (2 s), so that a lost vote is sometimes caught by the vote
+    /// wait and sometimes by a generation change.
+    pub vote_timeout_ms: u64,
 }
 
 impl Params {
@@ -66,6 +70,8 @@ impl Params {
             retry_after: r.gen_range(20..=150) * MS,
         };
         let faults = FaultPlan::swarm(&mut rng_for(seed, stream::FAULTS), nodes, safety);
+        // Drawn last, so the draws above are those of earlier versions.
+        let vote_timeout_ms = [1_000, 1_500, 5_000][r.gen_range(0..3)];
         Params {
             seed,
             nodes,
@@ -79,6 +85,7 @@ impl Params {
             db_latency_max_us,
             workload,
             faults,
+            vote_timeout_ms,
         }
     }
 
@@ -119,6 +126,7 @@ impl Params {
                 self.workload.think_max / MS,
                 self.workload.retry_after / MS
             ),
+            format!("vote timeout {}ms", self.vote_timeout_ms),
         ];
         let f = &self.faults;
         let names: Vec<&str> = f.enabled.iter().map(|k| k.name()).collect();

@@ -411,6 +411,7 @@ impl World {
 
     fn config(&self, id: NodeId) -> Config {
         let mut cfg = Config::new(id, self.params.nodes);
+        cfg.vote_timeout = mm_core::Time::from_millis(self.params.vote_timeout_ms);
         cfg.mutant = self.params.mutant;
         cfg
     }
@@ -853,6 +854,11 @@ impl World {
                     "data from n{from}: {gid} ({} writes)",
                     writes.len()
                 );
+                // A larger transaction takes a while to arrive: the data
+                // plane says so first, as mmd's receiver does.
+                if writes.len() > 2 {
+                    self.feed(to, Input::RemoteProgress { gid });
+                }
                 self.slot_mut(to).pending_remote.insert(gid, writes);
                 self.feed(to, Input::RemoteTx { gid });
             }

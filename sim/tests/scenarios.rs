@@ -21,6 +21,8 @@ const SEED: u64 = 1;
 /// A calm 3-node world with no background clients, traced.
 fn world() -> World {
     let mut p = Params::calm(SEED, 3);
+    // Below the heartbeat timeout: a lost vote aborts before a generation change.
+    p.vote_timeout_ms = 1_500;
     p.workload.seed_clients_per_node = vec![0; 3];
     p.workload.bank_clients = 0;
     World::new(p, true)

@@ -9,7 +9,7 @@
 //! no, which is how two nodes' crossing writes end instead of deadlocking.
 
 use super::hub::Hub;
-use super::remote_tx::{Change, RemoteTx, Stmt};
+use super::remote_tx::{replay_statements, Change, RemoteTx, Stmt};
 use super::sql::quote_literal;
 use mm_core::{DbResult, Gid, Input, NodeId};
 use std::sync::Arc;
@@ -70,7 +70,7 @@ pub async fn run_applier(
                 }
             }
             let c = client.as_ref().expect("connected above");
-            match apply(c, &job.tx, &settings).await {
+            match apply(c, &job.tx, &settings, &job.results).await {
                 Ok(()) => break true,
                 Err(e) if c.is_closed() => {
                     tracing::warn!(%gid, "applier lost its session, retrying: {e}");
@@ -127,7 +127,12 @@ pub fn pg_message(e: &tokio_postgres::Error) -> String {
     }
 }
 
-async fn apply(c: &Client, tx: &RemoteTx, s: &ApplierSettings) -> Result<(), String> {
+async fn apply(
+    c: &Client,
+    tx: &RemoteTx,
+    s: &ApplierSettings,
+    results: &UnboundedSender<Input>,
+) -> Result<(), String> {
     let wait = lock_wait_ms(
         s.lock_timeout_ms,
         tx.gid.origin,
@@ -136,11 +141,19 @@ async fn apply(c: &Client, tx: &RemoteTx, s: &ApplierSettings) -> Result<(), Str
         priority_epoch(),
     );
     let (body, stmts) = replay_body(tx, wait, s.node_id)?;
-    // PREPARE in the same round trip; if a row count then shows this node
-    // lacks a row, undo the prepared copy and vote no.
+    // PREPARE in the same round trip as the last chunk; if a row count then
+    // shows this node lacks a row, undo the prepared copy and vote no.
     let gid = quote_literal(&tx.gid.to_string());
-    let sql = format!("{body};\nPREPARE TRANSACTION {gid}");
-    let msgs = c.simple_query(&sql).await.map_err(|e| pg_message(&e))?;
+    let mut told = tokio::time::Instant::now();
+    let progress = || {
+        if told.elapsed() >= super::receiver::PROGRESS_EVERY {
+            told = tokio::time::Instant::now();
+            let _ = results.send(Input::RemoteProgress { gid: tx.gid });
+        }
+    };
+    let msgs = run_chunks(c, body, &format!("PREPARE TRANSACTION {gid}"), progress)
+        .await
+        .map_err(|e| pg_message(&e))?;
     if let Err(e) = check_row_counts(&msgs, &stmts) {
         let _ = c.simple_query(&format!("ROLLBACK PREPARED {gid}")).await;
         return Err(e);
@@ -191,22 +204,25 @@ pub fn priority_epoch() -> u64 {
 }
 
 /// `BEGIN`, the transaction's statements and the `mm.applied_tx` record,
-/// ready for `PREPARE TRANSACTION`; and the statements, for
+/// ready for `PREPARE TRANSACTION`, cut into simple queries of about
+/// [`CHUNK_BYTES`] each (one string of a million rows would be parsed whole,
+/// every statement's tree held at once); and the statements, for
 /// [`check_row_counts`].
 pub fn replay_body(
     tx: &RemoteTx,
     lock_timeout_ms: u64,
     node_id: NodeId,
-) -> Result<(String, Vec<Stmt>), String> {
-    let mut stmts = Vec::new();
-    let mut ddl = false;
-    for ch in &tx.changes {
-        ddl |= matches!(ch, Change::Ddl { .. });
-        stmts.extend(ch.to_sql().map_err(|e| e.to_string())?);
-    }
+) -> Result<(Vec<String>, Vec<Stmt>), String> {
+    let ddl = tx.changes.iter().any(|ch| matches!(ch, Change::Ddl { .. }));
+    let stmts = replay_statements(&tx.changes).map_err(|e| e.to_string())?;
+    let mut chunks = Vec::new();
     let mut sql = format!("BEGIN; SET LOCAL lock_timeout = '{lock_timeout_ms}ms'");
     for st in &stmts {
-        sql.push_str(";\n");
+        if sql.len() >= CHUNK_BYTES {
+            chunks.push(std::mem::take(&mut sql));
+        } else {
+            sql.push_str(";\n");
+        }
         sql.push_str(&st.sql);
     }
     if ddl {
@@ -217,7 +233,32 @@ pub fn replay_body(
     }
     sql.push_str(";\n");
     sql.push_str(&record_applied(tx.gid));
-    Ok((sql, stmts))
+    chunks.push(sql);
+    Ok((chunks, stmts))
+}
+
+/// Size of one simple query of a replay.
+pub const CHUNK_BYTES: usize = 1 << 20;
+
+/// Runs the chunks of [`replay_body`], `last` appended to the final one
+/// (the `PREPARE`), and returns every message, in order; `progress` is
+/// called after each chunk.
+pub async fn run_chunks(
+    c: &Client,
+    mut chunks: Vec<String>,
+    last: &str,
+    mut progress: impl FnMut(),
+) -> Result<Vec<SimpleQueryMessage>, tokio_postgres::Error> {
+    if let Some(end) = chunks.last_mut() {
+        end.push_str(";\n");
+        end.push_str(last);
+    }
+    let mut msgs = Vec::new();
+    for chunk in &chunks {
+        msgs.extend(c.simple_query(chunk).await?);
+        progress();
+    }
+    Ok(msgs)
 }
 
 /// Every row change must have touched exactly the rows it did on the
@@ -236,8 +277,14 @@ pub fn check_row_counts(msgs: &[SimpleQueryMessage], stmts: &[Stmt]) -> Result<(
         if let Some(want) = st.expect_rows {
             if got != Some(want) {
                 return Err(format!(
-                    "{} changed {} rows here, 1 on the origin: this node lacks the row",
-                    st.sql.split(" WHERE ").next().unwrap_or(&st.sql),
+                    "{} changed {} rows here, {want} on the origin: this node lacks the row",
+                    st.sql
+                        .split(" WHERE ")
+                        .next()
+                        .unwrap_or(&st.sql)
+                        .split(" VALUES ")
+                        .next()
+                        .unwrap_or(&st.sql),
                     got.map_or("no".to_string(), |n| n.to_string())
                 ));
             }

@@ -99,7 +99,14 @@ struct Building {
     /// Touched a table outside the `mm` schema.
     user_rows: bool,
     bad: Option<String>,
+    /// When its first message arrived, and when the origin last heard that
+    /// it is still arriving (a large transaction streams for a while).
+    started: tokio::time::Instant,
+    told: tokio::time::Instant,
 }
+
+/// How often a transaction still arriving is reported to its origin.
+pub const PROGRESS_EVERY: Duration = Duration::from_millis(300);
 
 /// A catch-up mark for this node: report when everything before it is settled.
 struct Mark {
@@ -160,6 +167,12 @@ async fn stream_once(
             // The resync replaces what this stream's state describes.
             _ = hub.resync_started() => return Ok(()),
             _ = tick.tick() => {
+                if let Some(c) = cur.as_mut().filter(|c| !c.echo && c.started.elapsed() >= PROGRESS_EVERY) {
+                    if let (Some(gid), true) = (c.gid, c.told.elapsed() >= PROGRESS_EVERY) {
+                        c.told = tokio::time::Instant::now();
+                        let _ = results.send(Input::RemoteProgress { gid });
+                    }
+                }
                 let covered = to_replay
                     .iter()
                     .take_while(|t| t.gid.gen <= hub.last_online_gen())
@@ -238,6 +251,8 @@ async fn stream_once(
                     changes: Vec::new(),
                     user_rows: false,
                     bad: None,
+                    started: tokio::time::Instant::now(),
+                    told: tokio::time::Instant::now(),
                 });
             }
             PgOutputMessage::BeginPrepare(b) => {
@@ -248,6 +263,8 @@ async fn stream_once(
                     changes: Vec::new(),
                     user_rows: false,
                     bad: None,
+                    started: tokio::time::Instant::now(),
+                    told: tokio::time::Instant::now(),
                 });
             }
             PgOutputMessage::Origin(_) => {

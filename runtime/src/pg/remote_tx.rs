@@ -149,27 +149,70 @@ fn row_filter(rel: &Relation, old: Option<&OldTuple>, new: &Tuple) -> Result<Str
     })
 }
 
+/// `INSERT INTO t (cols)` and `(values)` of one inserted row: rows with the
+/// same first part can share one statement.
+fn insert_parts(rel: &Relation, new: &Tuple) -> Result<(String, String), ReplayError> {
+    check_arity(rel, new)?;
+    let mut cols = Vec::new();
+    let mut vals = Vec::new();
+    for (i, (c, v)) in rel.columns.iter().zip(new).enumerate() {
+        if let Some(l) = literal(rel, i, v)? {
+            cols.push(quote_ident(&c.name));
+            vals.push(l);
+        }
+    }
+    Ok((
+        format!("INSERT INTO {} ({})", table(rel), cols.join(", ")),
+        format!("({})", vals.join(", ")),
+    ))
+}
+
+/// Rows per multi-row `INSERT` in a replay: one statement to parse, plan and
+/// execute instead of a thousand (multimaster batches up to 1024 too).
+pub const INSERT_BATCH_ROWS: usize = 1000;
+
+/// The statements replaying `changes` in order, consecutive inserts into
+/// the same table and columns folded into multi-row `INSERT`s. Each
+/// statement still reports exactly the rows it must change.
+pub fn replay_statements(changes: &[Change]) -> Result<Vec<Stmt>, ReplayError> {
+    let mut out = Vec::new();
+    // The open batch: its `INSERT INTO ...` part, its rows' value lists.
+    let mut batch: Option<(String, Vec<String>)> = None;
+    let flush = |batch: &mut Option<(String, Vec<String>)>, out: &mut Vec<Stmt>| {
+        if let Some((into, rows)) = batch.take() {
+            out.push(Stmt {
+                sql: format!("{into} VALUES {}", rows.join(", ")),
+                expect_rows: Some(rows.len() as u64),
+            });
+        }
+    };
+    for ch in changes {
+        if let Change::Insert { rel, new } = ch {
+            let (into, row) = insert_parts(rel, new)?;
+            match &mut batch {
+                Some((b, rows)) if *b == into && rows.len() < INSERT_BATCH_ROWS => rows.push(row),
+                _ => {
+                    flush(&mut batch, &mut out);
+                    batch = Some((into, vec![row]));
+                }
+            }
+        } else {
+            flush(&mut batch, &mut out);
+            out.extend(ch.to_sql()?);
+        }
+    }
+    flush(&mut batch, &mut out);
+    Ok(out)
+}
+
 impl Change {
     /// The statements replaying this change.
     pub fn to_sql(&self) -> Result<Vec<Stmt>, ReplayError> {
         Ok(match self {
             Change::Insert { rel, new } => {
-                check_arity(rel, new)?;
-                let mut cols = Vec::new();
-                let mut vals = Vec::new();
-                for (i, (c, v)) in rel.columns.iter().zip(new).enumerate() {
-                    if let Some(l) = literal(rel, i, v)? {
-                        cols.push(quote_ident(&c.name));
-                        vals.push(l);
-                    }
-                }
+                let (into, row) = insert_parts(rel, new)?;
                 vec![Stmt {
-                    sql: format!(
-                        "INSERT INTO {} ({}) VALUES ({})",
-                        table(rel),
-                        cols.join(", "),
-                        vals.join(", ")
-                    ),
+                    sql: format!("{into} VALUES {row}"),
                     expect_rows: Some(1),
                 }]
             }
@@ -316,6 +359,45 @@ mod tests {
         let s = del.to_sql().unwrap();
         assert_eq!(s[0].sql, r#"DELETE FROM "public"."mm" WHERE "id" = '7'"#);
         assert_eq!(s[0].expect_rows, Some(1));
+    }
+
+    #[test]
+    fn consecutive_inserts_share_a_statement_in_order() {
+        let r = rel();
+        let ins = |id: &str| Change::Insert {
+            rel: r.clone(),
+            new: vec![t(id), t("x")],
+        };
+        // A row with an unchanged TOAST value lists other columns: its own statement.
+        let toast = Change::Insert {
+            rel: r.clone(),
+            new: vec![t("3"), TupleValue::UnchangedToast],
+        };
+        let del = Change::Delete {
+            rel: r.clone(),
+            old: OldTuple::Key(vec![t("1"), TupleValue::Null]),
+        };
+        let mut changes = vec![ins("1"), ins("2"), toast, del, ins("4")];
+        let st = replay_statements(&changes).unwrap();
+        let sql: Vec<&str> = st.iter().map(|s| s.sql.as_str()).collect();
+        assert_eq!(
+            sql,
+            [
+                r#"INSERT INTO "public"."mm" ("id", "info") VALUES ('1', 'x'), ('2', 'x')"#,
+                r#"INSERT INTO "public"."mm" ("id") VALUES ('3')"#,
+                r#"DELETE FROM "public"."mm" WHERE "id" = '1'"#,
+                r#"INSERT INTO "public"."mm" ("id", "info") VALUES ('4', 'x')"#,
+            ]
+        );
+        let rows: Vec<Option<u64>> = st.iter().map(|s| s.expect_rows).collect();
+        assert_eq!(rows, [Some(2), Some(1), Some(1), Some(1)]);
+        // Batches stop at INSERT_BATCH_ROWS.
+        changes = (0..INSERT_BATCH_ROWS + 1)
+            .map(|i| ins(&i.to_string()))
+            .collect();
+        let st = replay_statements(&changes).unwrap();
+        let rows: Vec<Option<u64>> = st.iter().map(|s| s.expect_rows).collect();
+        assert_eq!(rows, [Some(INSERT_BATCH_ROWS as u64), Some(1)]);
     }
 
     #[test]

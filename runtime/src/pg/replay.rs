@@ -8,7 +8,7 @@
 //! `mm.applied_tx` record every apply writes, or a prepared copy). This is
 //! what a catch-up mark waits for before the core goes `online`.
 
-use super::applier::{check_row_counts, origin_session, pg_message, replay_body};
+use super::applier::{check_row_counts, origin_session, pg_message, replay_body, run_chunks};
 use super::hub::Hub;
 use super::remote_tx::RemoteTx;
 use super::sql::quote_literal;
@@ -72,10 +72,7 @@ impl Replayer {
         let (body, stmts) = replay_body(tx, REPLAY_LOCK_TIMEOUT_MS, self.node_id)?;
         // Prepared and committed under its gid, so this node's own stream
         // carries it as the same transaction to a node catching up from here.
-        let msgs = match c
-            .simple_query(&format!("{body};\nPREPARE TRANSACTION {gid}"))
-            .await
-        {
+        let msgs = match run_chunks(c, body, &format!("PREPARE TRANSACTION {gid}"), || {}).await {
             Ok(m) => m,
             Err(e) => {
                 let _ = c.simple_query("ROLLBACK").await;
