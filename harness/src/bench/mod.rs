@@ -24,7 +24,11 @@
 
 pub mod async_mesh;
 pub mod cluster;
+pub mod cpu;
+pub mod phases;
+pub mod script;
 pub mod single;
+pub mod targets;
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
