@@ -331,8 +331,9 @@ async fn sql(conninfo: &str, stmt: &str) -> Result<()> {
         .with_context(|| stmt.to_string())
 }
 
-/// [`sql`], again after a 40001 ("safe to retry") until `limit`; counts
-/// the tries in `tries`.
+/// [`sql`], again after a 40001 ("safe to retry") or while mmd refuses
+/// sessions because its node is not online (a generation change after an
+/// aborted transaction), until `limit`; counts the tries in `tries`.
 async fn sql_retrying(
     conninfo: &str,
     stmt: &str,
@@ -342,20 +343,26 @@ async fn sql_retrying(
     let deadline = Instant::now() + limit;
     loop {
         tries.set(tries.get() + 1);
-        let c = connect(conninfo).await?;
-        match c.batch_execute(stmt).await {
-            Ok(()) => return Ok(()),
-            Err(e)
-                if e.code() == Some(&SqlState::T_R_SERIALIZATION_FAILURE)
-                    && Instant::now() < deadline =>
-            {
-                tokio::time::sleep(Duration::from_secs(1)).await;
+        let e = match tokio_postgres::connect(conninfo, tokio_postgres::NoTls).await {
+            Ok((c, conn)) => {
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                match c.batch_execute(stmt).await {
+                    Ok(()) => return Ok(()),
+                    Err(e) => e,
+                }
             }
-            Err(e) => {
-                return Err(anyhow!(mm_workloads::describe(&e)))
-                    .with_context(|| format!("{stmt} (try {})", tries.get()))
-            }
+            Err(e) => e,
+        };
+        let transient = e.code().is_some_and(|c| {
+            *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::CANNOT_CONNECT_NOW
+        }) || mm_workloads::describe(&e).contains("is not online");
+        if !transient || Instant::now() >= deadline {
+            return Err(anyhow!(mm_workloads::describe(&e)))
+                .with_context(|| format!("{stmt} (try {})", tries.get()));
         }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 
