@@ -140,7 +140,8 @@ enum Cmd {
     /// client's INSERT latency; bulk loads (pgbench -i -s 10, COPY, CREATE
     /// INDEX). Prints the figures and the ratios against their targets.
     Bench {
-        /// Seconds of load (pgbench -T) for each phase; (d) runs twice this.
+        /// Seconds of each measured run (pgbench -T, or the harness's own
+        /// load); the read phase makes six such runs, latency two.
         #[arg(long, default_value_t = 30)]
         seconds: u32,
         /// Also print the report as one JSON object on the last line.
