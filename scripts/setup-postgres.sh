@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the harness needs from Debian: the PostgreSQL 15 server binaries
-# (/usr/lib/postgresql/15/bin/{postgres,initdb,pg_ctl}) and the pgbench client.
+# (/usr/lib/postgresql/15/bin/{postgres,initdb,pg_ctl}), the pgbench client and
+# pgbouncer (the read baseline of `mm-harness bench`).
 # Idempotent: does nothing when they are already there.
 #
 # The harness never uses the cluster the Debian package creates (15/main on
@@ -48,6 +49,17 @@ if ! have_server || ! have_pgbench; then
     fi
     echo "setup-postgres: apt-get install -y ${pkgs[*]}"
     apt-get install -y -qq "${pkgs[@]}"
+fi
+
+# `mm-harness bench` runs its own pgbouncer (own ini, own port) as the read
+# baseline; the package's system service is never used, so keep it stopped.
+if [ "$(id -u)" = 0 ] && ! command -v pgbouncer >/dev/null 2>&1 && [ ! -x /usr/sbin/pgbouncer ]; then
+    echo "setup-postgres: apt-get install -y pgbouncer (read baseline of mm-harness bench)"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer
+    if command -v systemctl >/dev/null 2>&1; then
+        systemctl disable --now pgbouncer >/dev/null 2>&1 || true
+    fi
 fi
 
 # The local backend cuts single links with iptables (harness/src/backend/linkcut.rs).

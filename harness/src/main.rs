@@ -7,11 +7,13 @@
 //!   cannot connect.
 //! - `mm-harness chaos [--backend local|docker] [--nodes 3|5] [--duration D] [--seed S]
 //!   [--json]`: workloads under seeded faults, availability, the checks.
-//! - `mm-harness bench [--seconds N] [--json] [--no-fsync] [--workdir D]`:
-//!   mm against its baselines, phase after phase (harness/src/bench): one
-//!   plain PostgreSQL, the mm cluster through its mmds, the asynchronous
-//!   logical-replication mesh, and the read path through mmd vs directly;
-//!   the ratios against their targets.
+//! - `mm-harness bench [--seconds N] [--json] [--no-fsync] [--workdir D]
+//!   [--phases single,cluster,async,two_pc,read,latency,bulk]`: mm against
+//!   its baselines, phase after phase (harness/src/bench): one plain
+//!   PostgreSQL, the mm cluster through its mmds, the asynchronous
+//!   logical-replication mesh, plain two-phase commit, the read path
+//!   through mmd vs directly vs pgbouncer, single-insert latency and bulk
+//!   loads; the figures against their targets.
 //! - `mm-harness bench-baselines --seconds N [--json]` (hidden): the two
 //!   baselines `mm-harness bench` compares mm with: one plain PostgreSQL, and
 //!   the asynchronous logical-replication mesh (harness/src/bench).
@@ -132,11 +134,14 @@ enum Cmd {
     /// machine: (a) one plain PostgreSQL, (b) the mm cluster (3 PostgreSQL +
     /// 3 mmd) through each node's mmd, (c) three PostgreSQL in an
     /// asynchronous logical-replication mesh, all three under the seed's
-    /// three scripts at once; (d) pgbench -S on node 1 of an mm cluster,
-    /// directly and through its mmd. Prints the figures and the ratios
-    /// against their targets.
+    /// three scripts at once; plain 2PC over three servers under the same
+    /// scripts; (d) pgbench -S on node 1 of an mm cluster, directly and
+    /// through its mmd, and on a plain server through pgbouncer; one
+    /// client's INSERT latency; bulk loads (pgbench -i -s 10, COPY, CREATE
+    /// INDEX). Prints the figures and the ratios against their targets.
     Bench {
-        /// Seconds of load (pgbench -T) for each phase; (d) runs twice this.
+        /// Seconds of each measured run (pgbench -T, or the harness's own
+        /// load); the read phase makes six such runs, latency two.
         #[arg(long, default_value_t = 30)]
         seconds: u32,
         /// Also print the report as one JSON object on the last line.
@@ -147,9 +152,13 @@ enum Cmd {
         #[arg(long)]
         no_fsync: bool,
         /// Root of the phases' work directories (bench-single, bench-cluster,
-        /// bench-async-mesh, bench-read). Default: target/mm-work.
+        /// bench-async-mesh, bench-2pc, bench-read...). Default: target/mm-work.
         #[arg(long)]
         workdir: Option<PathBuf>,
+        /// Comma list of the phases to run (in their fixed order):
+        /// single,cluster,async,two_pc,read,latency,bulk, or all.
+        #[arg(long, default_value = "all", value_parser = parse_phases)]
+        phases: mm_harness::bench::Phases,
     },
     /// The baselines without mm: one plain PostgreSQL, and three in an
     /// asynchronous logical-replication mesh, under the seed workload.
@@ -239,7 +248,8 @@ async fn main() -> ExitCode {
             json,
             no_fsync,
             workdir,
-        } => bench(seconds, json, no_fsync, workdir).await,
+            phases,
+        } => bench(seconds, json, no_fsync, workdir, phases).await,
         Cmd::BenchBaselines {
             seconds,
             json,
@@ -249,7 +259,17 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn bench(seconds: u32, json: bool, no_fsync: bool, workdir: Option<PathBuf>) -> ExitCode {
+fn parse_phases(s: &str) -> Result<mm_harness::bench::Phases, String> {
+    mm_harness::bench::Phases::parse(s).map_err(|e| e.to_string())
+}
+
+async fn bench(
+    seconds: u32,
+    json: bool,
+    no_fsync: bool,
+    workdir: Option<PathBuf>,
+    phases: mm_harness::bench::Phases,
+) -> ExitCode {
     use mm_harness::bench::{self, BenchOptions};
     let bin = match mm_harness::pg_bin::PgBin::find() {
         Ok(b) => b,
@@ -265,6 +285,7 @@ async fn bench(seconds: u32, json: bool, no_fsync: bool, workdir: Option<PathBuf
     let root = workdir.unwrap_or_else(mm_harness::backend::local::default_work_root);
     let mut opts = BenchOptions::new(seconds, root);
     opts.fsync = !no_fsync;
+    opts.phases = phases;
     eprintln!(
         "bench: {seconds} s per phase, fsync = {} ({}), work dirs under {}",
         if opts.fsync { "on" } else { "off" },
@@ -286,11 +307,12 @@ async fn bench(seconds: u32, json: bool, no_fsync: bool, workdir: Option<PathBuf
                 }
             }
             // The targets are what mm aims at, not a pass/fail of the run;
-            // nodes that disagree are.
-            if report.cluster.agreed {
-                ExitCode::SUCCESS
-            } else {
+            // nodes that disagree are, and so is a phase that could not run.
+            let disagreed = report.cluster.as_ref().is_some_and(|c| !c.agreed);
+            if disagreed || !report.errors.is_empty() {
                 ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
             }
         }
         Err(e) => {
