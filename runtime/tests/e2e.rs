@@ -358,6 +358,84 @@ async fn bad_clients_lose_nothing() {
         .expect("mmd still serves");
 }
 
+/// COPY FROM STDIN through mmd commits everywhere, by both protocols:
+/// tokio-postgres' `copy_in` (extended: its Sync before the data is ignored
+/// in copy mode, the one after CopyDone ends it), autocommit and inside
+/// BEGIN … COMMIT, and psql's simple-protocol COPY. Each once hung or
+/// failed with "unexpected message type 0x51 during COPY from stdin".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_from_stdin_commits_everywhere() {
+    use tokio::io::AsyncWriteExt;
+    let Some(c) = cluster("e2e-copy").await else {
+        return;
+    };
+    let n1 = c.connect_proxy(0).await.unwrap();
+    n1.batch_execute("create table cp(id int primary key, v text)")
+        .await
+        .unwrap();
+    let t = Duration::from_secs(60);
+    assert_eq!(
+        tokio::time::timeout(t, ext(&n1, 0, 5000))
+            .await
+            .expect("autocommit copy_in hung"),
+        5000
+    );
+    let n2 = c.connect_proxy(1).await.unwrap();
+    n2.batch_execute("begin").await.unwrap();
+    assert_eq!(
+        tokio::time::timeout(t, ext(&n2, 5000, 6000))
+            .await
+            .expect("copy_in in BEGIN hung"),
+        1000
+    );
+    n2.batch_execute("commit").await.unwrap();
+    // Simple protocol, as psql's \copy and pgbench -i send it.
+    let mut raw = raw_session(&format!("127.0.0.1:{}", c.nodes[2].client_port)).await;
+    raw.write_all(&query_msg("copy cp(id, v) from stdin"))
+        .await
+        .unwrap();
+    let data = copy_rows(6000, 6500);
+    let mut d = vec![b'd'];
+    d.extend_from_slice(&((data.len() + 4) as i32).to_be_bytes());
+    d.extend_from_slice(&data);
+    d.extend_from_slice(&[b'c', 0, 0, 0, 4]);
+    raw.write_all(&d).await.unwrap();
+    tokio::time::timeout(t, read_until_ready(&mut raw))
+        .await
+        .expect("simple COPY hung");
+    n1.batch_execute("select 1")
+        .await
+        .expect("session still usable");
+    for i in 0..3 {
+        assert_eq!(
+            count_settled(&c, i, "select count(*) from cp", 6500).await,
+            6500,
+            "node {}",
+            i + 1
+        );
+    }
+}
+
+fn copy_rows(from: i32, to: i32) -> bytes::Bytes {
+    let mut b = String::new();
+    for i in from..to {
+        b.push_str(&format!("{i}\tx{i}\n"));
+    }
+    bytes::Bytes::from(b)
+}
+
+/// `copy cp from stdin` by tokio-postgres (extended protocol); rows copied.
+async fn ext(client: &tokio_postgres::Client, from: i32, to: i32) -> u64 {
+    use futures::SinkExt;
+    let sink = client
+        .copy_in::<_, bytes::Bytes>("copy cp(id, v) from stdin")
+        .await
+        .expect("copy_in starts");
+    futures::pin_mut!(sink);
+    sink.send(copy_rows(from, to)).await.unwrap();
+    sink.finish().await.expect("copy_in commits")
+}
+
 async fn counts_on_all(c: &MmCluster, sql: &str) -> Vec<i64> {
     let mut v = Vec::new();
     for i in 0..3 {

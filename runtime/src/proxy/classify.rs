@@ -189,6 +189,17 @@ pub fn statements(sql: &str) -> Vec<(String, Kind)> {
 }
 
 /// The kind of a single statement (a Parse message holds one).
+/// Whether `sql` is a `COPY ... FROM` (the backend then reads copy data:
+/// nothing may be pipelined behind it, or the backend takes that for bad
+/// copy data and drops the session).
+pub fn copies_in(sql: &str) -> bool {
+    let first = sql
+        .trim_start()
+        .split(|c: char| !c.is_ascii_alphabetic())
+        .next();
+    first.is_some_and(|w| w.eq_ignore_ascii_case("copy")) && classify(sql) == Kind::Write
+}
+
 pub fn classify(sql: &str) -> Kind {
     let all = statements(sql);
     match all.len() {
@@ -393,6 +404,9 @@ mod tests {
         ));
         assert_eq!(k("copy t from stdin"), Kind::Write);
         assert_eq!(k("copy t to stdout"), Kind::Read);
+        assert!(copies_in("  COPY t (a) FROM STDIN"));
+        assert!(!copies_in("copy t to stdout"));
+        assert!(!copies_in("insert into t select 1"));
         assert_eq!(k("explain select 1"), Kind::Read);
         assert_eq!(k("explain analyze delete from t"), Kind::Write);
         assert_eq!(k("vacuum t"), Kind::Maintenance);

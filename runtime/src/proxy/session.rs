@@ -86,6 +86,10 @@ struct Session {
     client_r: FrameReader<BoxRead>,
     client_w: FrameWriter<BoxWrite>,
     client_gone: bool,
+    /// Whether what is being relayed came by the extended protocol: a COPY
+    /// it started then ends with the client's Sync after CopyDone (the one
+    /// sent before the data was ignored by the backend in copy mode).
+    extended: bool,
     backend_r: FrameReader<BoxRead>,
     backend_w: FrameWriter<BoxWrite>,
     /// The backend's transaction status from its last ReadyForQuery.
@@ -121,6 +125,7 @@ pub async fn run(sock: TcpStream, ctx: Arc<ProxyContext>, id: ClientId) {
                 client_r,
                 client_w,
                 client_gone: false,
+                extended: false,
                 backend_r,
                 backend_w,
                 status: b'I',
@@ -635,6 +640,9 @@ impl Session {
             let tag = f.tag;
             self.backend_w.push(&f);
             if matches!(tag, b'c' | b'f') {
+                if self.extended {
+                    self.copy_sync().await?;
+                }
                 self.backend_w
                     .flush()
                     .await
@@ -650,9 +658,28 @@ impl Session {
         }
     }
 
+    /// After an extended-protocol COPY's CopyDone or CopyFail the backend
+    /// waits for a Sync before ReadyForQuery; clients (libpq, tokio-postgres)
+    /// send it right behind. Forward what comes up to it.
+    async fn copy_sync(&mut self) -> Result<(), SessionError> {
+        loop {
+            let Some(f) = self.client_r.next().await.map_err(SessionError::Client)? else {
+                self.client_gone = true;
+                self.backend_w.push(&Frame::new(b'S', &[]));
+                return Ok(());
+            };
+            let tag = f.tag;
+            self.backend_w.push(&f);
+            if tag == b'S' {
+                return Ok(());
+            }
+        }
+    }
+
     // ---- simple query protocol ---------------------------------------------
 
     async fn simple_query(&mut self, f: Frame, sql: String) -> Result<(), SessionError> {
+        self.extended = false;
         let stmts = classify::statements(&sql);
         if let Some(reason) = stmts.iter().find_map(|(_, k)| match k {
             Kind::Refused(r) => Some(*r),
@@ -739,8 +766,10 @@ impl Session {
             .map(|(t, _)| t.as_str());
         self.queue_preamble(wrap, ddl);
         self.backend_w.push(&f);
-        if wrap {
-            // Ask whether it wrote in the same round trip.
+        // Ask whether it wrote in the same round trip, unless the backend
+        // will be reading copy data by then.
+        let pipelined = wrap && !stmts.iter().any(|(t, _)| classify::copies_in(t));
+        if pipelined {
             self.backend_w.push(&query_frame(WROTE));
         }
         self.backend_w
@@ -749,7 +778,11 @@ impl Session {
             .map_err(SessionError::Backend)?;
         let status = self.relay(true).await?;
         if wrap {
-            let wrote = self.read_internal().await?;
+            let wrote = if pipelined {
+                self.read_internal().await?
+            } else {
+                self.internal(WROTE).await?
+            };
             self.finish_implicit(status, wrote).await?;
         }
         Ok(())
@@ -776,6 +809,7 @@ impl Session {
     // ---- extended query protocol -------------------------------------------
 
     async fn extended_batch(&mut self, sync: bool) -> Result<(), SessionError> {
+        self.extended = true;
         let frames = std::mem::take(&mut self.batch);
         let execs = std::mem::take(&mut self.batch_execs);
         let refused = execs.iter().find_map(|(_, s)| match &s.kind {
@@ -862,7 +896,10 @@ impl Session {
             self.backend_w
                 .push(&query_frame("SET TRANSACTION READ WRITE"));
         }
-        if wrap && sync {
+        // As in `one_query`: nothing behind a COPY FROM.
+        let copy = execs.iter().any(|(_, s)| classify::copies_in(&s.sql));
+        let pipelined = wrap && sync && !copy;
+        if pipelined {
             self.backend_w.push(&query_frame(WROTE));
         }
         self.backend_w
@@ -881,7 +918,11 @@ impl Session {
             self.had_ddl = false;
         }
         if wrap {
-            let wrote = self.read_internal().await?;
+            let wrote = if pipelined {
+                self.read_internal().await?
+            } else {
+                self.internal(WROTE).await?
+            };
             self.finish_implicit(status, wrote).await?;
             self.client_w.push(&build::ready(self.status));
             self.flush_client().await;
