@@ -188,7 +188,6 @@ pub fn statements(sql: &str) -> Vec<(String, Kind)> {
         .collect()
 }
 
-/// The kind of a single statement (a Parse message holds one).
 /// Whether `sql` is a `COPY ... FROM` (the backend then reads copy data:
 /// nothing may be pipelined behind it, or the backend takes that for bad
 /// copy data and drops the session).
@@ -200,6 +199,7 @@ pub fn copies_in(sql: &str) -> bool {
     first.is_some_and(|w| w.eq_ignore_ascii_case("copy")) && classify(sql) == Kind::Write
 }
 
+/// The kind of a single statement (a Parse message holds one).
 pub fn classify(sql: &str) -> Kind {
     let all = statements(sql);
     match all.len() {

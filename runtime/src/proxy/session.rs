@@ -778,11 +778,7 @@ impl Session {
             .map_err(SessionError::Backend)?;
         let status = self.relay(true).await?;
         if wrap {
-            let wrote = if pipelined {
-                self.read_internal().await?
-            } else {
-                self.internal(WROTE).await?
-            };
+            let wrote = self.wrote(pipelined).await?;
             self.finish_implicit(status, wrote).await?;
         }
         Ok(())
@@ -804,6 +800,16 @@ impl Session {
             _ => {}
         }
         self.ensure_idle().await
+    }
+
+    /// The answer to WROTE: already pipelined behind the statements, or
+    /// asked now (behind a COPY nothing may be pipelined).
+    async fn wrote(&mut self, pipelined: bool) -> Result<Internal, SessionError> {
+        if pipelined {
+            self.read_internal().await
+        } else {
+            self.internal(WROTE).await
+        }
     }
 
     // ---- extended query protocol -------------------------------------------
@@ -918,11 +924,7 @@ impl Session {
             self.had_ddl = false;
         }
         if wrap {
-            let wrote = if pipelined {
-                self.read_internal().await?
-            } else {
-                self.internal(WROTE).await?
-            };
+            let wrote = self.wrote(pipelined).await?;
             self.finish_implicit(status, wrote).await?;
             self.client_w.push(&build::ready(self.status));
             self.flush_client().await;
