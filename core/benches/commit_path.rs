@@ -15,7 +15,13 @@ fn drain(node: &mut Node) -> usize {
 
 fn one_commit(node: &mut Node, client: u64, now: Time) {
     let client = ClientId(client);
-    node.handle(now, Input::CommitRequest { client });
+    node.handle(
+        now,
+        Input::CommitRequest {
+            client,
+            wait_peers: false,
+        },
+    );
     let mut gid = None;
     while let Some(out) = node.poll_output() {
         if let Output::Db(DbCmd::PrepareLocal { gid: g, .. }) = out {
@@ -71,6 +77,8 @@ fn bench(c: &mut Criterion) {
         // Make the peers look connected so the node stays online.
         for peer in [2, 3] {
             let hb = Message::Heartbeat {
+                sent_at: mm_core::Time::ZERO,
+                echo: None,
                 gen: 1,
                 promised_gen: 1,
                 status: NodeStatus::Online,

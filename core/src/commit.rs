@@ -14,7 +14,7 @@ use crate::node::{CoordPhase, CoordTx, InDoubt, Node};
 use crate::{AbortReason, DbCmd, Event, Outcome, Output};
 
 impl Node {
-    pub(crate) fn on_commit_request(&mut self, client: ClientId) {
+    pub(crate) fn on_commit_request(&mut self, client: ClientId, wait_peers: bool) {
         if self.status != NodeStatus::Online {
             self.db(DbCmd::RollbackLocal { client });
             let outcome = Outcome::Refused(self.status);
@@ -38,6 +38,9 @@ impl Node {
                 yes: NodeSet::EMPTY,
                 acks: NodeSet::EMPTY,
                 deadline: self.now + self.cfg.vote_timeout,
+                wait_peers,
+                committed: NodeSet::EMPTY,
+                confirm_by: Time(u64::MAX),
                 nudged: self.now,
             },
         );
@@ -73,6 +76,7 @@ impl Node {
         c.phase = CoordPhase::CollectingVotes;
         c.yes.insert(self.cfg.id);
         self.in_doubt.insert(gid, InDoubt { since: self.now });
+        self.hold(gid);
         self.maybe_precommit(gid);
     }
 
@@ -123,6 +127,9 @@ impl Node {
         }
         c.phase = CoordPhase::PreCommitted;
         c.deadline = now + resolve_after;
+        // Every member voted yes by now, so each has held it since before:
+        // past this, one that has not committed has stopped serving reads.
+        c.confirm_by = now + self.cfg.peer_commit_wait();
         let members = c.members;
         // The coordinator's own acceptance of its precommit, durable before it is sent.
         self.send(
@@ -230,10 +237,16 @@ impl Node {
     /// Commit or roll back a decided transaction in the local database.
     fn finish_locally(&mut self, gid: Gid, commit: bool) {
         self.resolving.remove(&gid);
+        if !commit {
+            self.holds.remove(&gid); // never visible anywhere
+        }
         let prepared = self.in_doubt.remove(&gid).is_some();
+        let wait = self.cfg.peer_commit_wait();
         if let Some(c) = self.coord.get_mut(&gid) {
             if commit {
                 c.phase = CoordPhase::Committing;
+                // Decided by a resolver: every member voted yes before.
+                c.confirm_by = c.confirm_by.min(self.now + wait);
             } else {
                 let c = self.coord.remove(&gid).expect("present");
                 let outcome = Outcome::Aborted(AbortReason::Resolved);
@@ -265,15 +278,57 @@ impl Node {
 
     pub(crate) fn on_finished(&mut self, gid: Gid, commit: bool) {
         self.finishing.remove(&gid);
-        if let Some(c) = self.coord.get(&gid) {
-            if commit && c.phase == CoordPhase::Committing {
-                let c = self.coord.remove(&gid).expect("present");
-                self.out.push_back(Output::Reply {
-                    client: c.client,
-                    outcome: Outcome::Committed,
-                });
-            }
+        self.holds.remove(&gid);
+        if !commit {
+            return;
         }
+        let me = self.cfg.id;
+        match self.coord.get_mut(&gid) {
+            Some(c) if c.phase == CoordPhase::Committing => {
+                c.committed.insert(me);
+                self.maybe_reply_committed(gid);
+            }
+            Some(_) => {}
+            None if gid.origin != me => self.send(gid.origin, Message::Committed { gid }),
+            None => {}
+        }
+    }
+
+    /// Origin: a member's `COMMIT PREPARED` of `gid` finished.
+    pub(crate) fn on_peer_committed(&mut self, from: NodeId, gid: Gid) {
+        if let Some(c) = self.coord.get_mut(&gid) {
+            c.committed.insert(from);
+            self.maybe_reply_committed(gid);
+        }
+    }
+
+    /// Answer a committed transaction's client once the promise it asked
+    /// for holds: committed here and, when it waits for peers, committed on
+    /// every member or past the wait that takes the others out of the
+    /// readable set, and past the new generation's hold.
+    fn maybe_reply_committed(&mut self, gid: Gid) {
+        let mutant = self.is_mutant(crate::Mutant::ReplyBeforePeerCommits);
+        let (now, me, hold) = (self.now, self.cfg.id, self.hold_replies_until);
+        let Some(c) = self.coord.get(&gid) else {
+            return;
+        };
+        if c.phase != CoordPhase::Committing || !c.committed.contains(me) {
+            return;
+        }
+        let everywhere = c.members.is_subset(c.committed) || now >= c.confirm_by;
+        if c.wait_peers && !mutant && !(everywhere && now >= hold) {
+            return;
+        }
+        let c = self.coord.remove(&gid).expect("present");
+        self.out.push_back(Output::Reply {
+            client: c.client,
+            outcome: Outcome::Committed,
+        });
+    }
+
+    /// Note that `gid` is prepared here (read-lease bookkeeping).
+    fn hold(&mut self, gid: Gid) {
+        self.holds.entry(gid).or_insert(Some(self.now));
     }
 
     /// Abort a transaction this node coordinates that has not precommitted.
@@ -301,6 +356,7 @@ impl Node {
         self.persist(DurableOp::Tx(gid, rec));
         self.coord.remove(&gid);
         self.in_doubt.remove(&gid);
+        self.holds.remove(&gid);
         self.resolving.remove(&gid);
         self.db(DbCmd::RollbackPrepared { gid });
         self.out.push_back(Output::Reply {
@@ -376,6 +432,15 @@ impl Node {
 
     pub(crate) fn commit_tick(&mut self) {
         self.nudge_voters();
+        let waiting: Vec<Gid> = self
+            .coord
+            .iter()
+            .filter(|(_, c)| c.phase == CoordPhase::Committing)
+            .map(|(g, _)| *g)
+            .collect();
+        for gid in waiting {
+            self.maybe_reply_committed(gid);
+        }
         let expired: Vec<Gid> = self
             .coord
             .iter()
@@ -430,6 +495,7 @@ impl Node {
             if ok {
                 // Not ours to hold (e.g. we restarted meanwhile): leave it to the resolver.
                 self.in_doubt.insert(gid, InDoubt { since: self.now });
+                self.hold(gid);
             }
             return;
         }
@@ -439,12 +505,14 @@ impl Node {
             // to a resolver.
             if ok {
                 self.in_doubt.insert(gid, InDoubt { since: self.now });
+                self.hold(gid);
                 self.finish_locally(gid, commit);
             }
             return;
         }
         if ok && self.may_vote_yes(gid) {
             self.in_doubt.insert(gid, InDoubt { since: self.now });
+            self.hold(gid);
             self.send(gid.origin, Message::TxVote { gid, yes: true });
         } else {
             if ok {

@@ -57,6 +57,17 @@ pub struct Config {
     pub retry_interval: Time,
     /// How long a joiner waits for a donor's catch-up before trying another.
     pub catchup_timeout: Time,
+    /// A node serves reads only while a majority of its generation vouched
+    /// for it within this lease (heartbeats echoing its own clock) and no
+    /// transaction has been prepared here, unfinished, for longer. Origins
+    /// waiting for peers' commits wait [`Config::peer_commit_wait`] at most,
+    /// which exceeds the lease: a member that has not committed by then has
+    /// stopped serving reads. See docs/protocol.md, "Visible everywhere".
+    pub read_lease: Time,
+    /// Whether `COMMIT` returns only once every member of the generation
+    /// committed (or left the readable set): the default. `false` answers
+    /// once the origin committed; peers show it shortly after.
+    pub wait_peer_commits: bool,
     /// A deliberately broken protocol variant, for the simulator's mutant sweep.
     #[cfg(feature = "mutants")]
     pub mutant: Option<Mutant>,
@@ -101,6 +112,8 @@ impl Config {
             resolve_after: Time::from_millis(2500),
             retry_interval: Time::from_millis(400),
             catchup_timeout: Time::from_millis(3000),
+            read_lease: Time::from_millis(1000),
+            wait_peer_commits: true,
             #[cfg(feature = "mutants")]
             mutant: None,
         })
@@ -119,7 +132,15 @@ impl Config {
         self.resolve_after = ms(1500);
         self.retry_interval = ms(150);
         self.catchup_timeout = ms(2000);
+        self.read_lease = ms(300);
         self
+    }
+
+    /// The longest an origin waits for a member's `Committed` (or holds the
+    /// first answers of a new generation): the read lease plus a quarter
+    /// for clocks that run at different rates.
+    pub fn peer_commit_wait(&self) -> Time {
+        Time(self.read_lease.0 + self.read_lease.0 / 4)
     }
 
     /// Votes needed for any quorum: a majority of the configured nodes.
@@ -141,7 +162,9 @@ pub enum Input {
     Receive { from: NodeId, msg: Message },
     /// A client transaction that wrote something asks to commit. The core
     /// answers with `Db(PrepareLocal)` and later a `Reply`, or refuses at once.
-    CommitRequest { client: ClientId },
+    /// `wait_peers`: answer only once every member shows it (see
+    /// [`Config::wait_peer_commits`], the session's default).
+    CommitRequest { client: ClientId, wait_peers: bool },
     /// The data plane delivered a peer's prepared transaction. The core
     /// answers with `Db(ApplyAndPrepare)` or `Db(Discard)`.
     RemoteTx { gid: Gid },

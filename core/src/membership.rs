@@ -35,17 +35,23 @@ impl Node {
         crate::Time(self.cfg.retry_interval.0 * (1 + self.cfg.id as u64) / 2)
     }
 
+    /// One heartbeat per peer: each echoes that peer's own clock (its read lease).
     fn send_heartbeats(&mut self) {
-        let msg = Message::Heartbeat {
-            gen: self.durable.gen.num,
-            promised_gen: self.durable.promised_gen,
-            status: self.status,
-            connected: self.connected_set(),
-            last_online_gen: self.durable.last_online_gen,
-            ready_to_join: self.ready_to_join,
-        };
+        let connected = self.connected_set();
         let peers = self.cfg.all_nodes().minus(NodeSet::single(self.cfg.id));
-        self.send_all(peers, msg);
+        for to in peers.iter() {
+            let msg = Message::Heartbeat {
+                sent_at: self.now,
+                echo: self.peers[to as usize].their_clock,
+                gen: self.durable.gen.num,
+                promised_gen: self.durable.promised_gen,
+                status: self.status,
+                connected,
+                last_online_gen: self.durable.last_online_gen,
+                ready_to_join: self.ready_to_join,
+            };
+            self.send(to, msg);
+        }
     }
 
     pub(crate) fn connected_set(&self) -> NodeSet {
@@ -313,6 +319,7 @@ impl Node {
             self.persist(DurableOp::LastOnline(gen.num));
         }
         self.event(Event::GenerationAdopted { gen });
+        self.hold_replies_until = self.now + self.cfg.peer_commit_wait();
         // Peers' views lag by up to a heartbeat: judge the new generation on fresh ones.
         self.next_campaign =
             self.now + crate::Time(self.cfg.heartbeat_interval.0 * 2) + self.stagger();

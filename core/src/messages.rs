@@ -2,7 +2,7 @@
 //! (it names the generation or gid it is about), so duplicates, reordering
 //! and late arrival are harmless: each handler checks the state it asserts.
 
-use crate::ids::{Ballot, Gid, NodeId, NodeSet};
+use crate::ids::{Ballot, Gid, NodeId, NodeSet, Time};
 use serde::{Deserialize, Serialize};
 
 /// A generation: a numbered membership. `members` is a majority clique of
@@ -46,6 +46,13 @@ pub enum TxReport {
 pub enum Message {
     /// Every `heartbeat_interval`: the sender's view, for failure detection and cliques.
     Heartbeat {
+        /// The sender's clock when it sent this (only the sender reads it,
+        /// when the recipient echoes it back).
+        sent_at: Time,
+        /// The latest `sent_at` the sender received from the recipient: the
+        /// recipient's proof that the sender was in `gen` (promised nothing
+        /// newer) after that instant of its own clock. The read lease.
+        echo: Option<Time>,
         gen: u64,
         /// Highest generation the sender voted for; ahead of `gen` while a
         /// campaign is open, or forever if it died: a leader re-forms then.
@@ -86,6 +93,9 @@ pub enum Message {
     Accepted { gid: Gid, ballot: Ballot, ok: bool },
     /// Final outcome.
     Decision { gid: Gid, commit: bool },
+    /// A member's `COMMIT PREPARED` of `gid` finished: the origin, waiting
+    /// for every member to show it, may answer its client.
+    Committed { gid: Gid },
 
     /// Resolver phase 1: promise `ballot` and report your state of `gid`.
     ResolveQuery { gid: Gid, ballot: Ballot },
@@ -122,6 +132,7 @@ impl Message {
             Message::Accept { .. } => "Accept",
             Message::Accepted { .. } => "Accepted",
             Message::Decision { .. } => "Decision",
+            Message::Committed { .. } => "Committed",
             Message::ResolveQuery { .. } => "ResolveQuery",
             Message::ResolveState { .. } => "ResolveState",
             Message::CatchupRequest { .. } => "CatchupRequest",
@@ -137,6 +148,7 @@ impl Message {
             | Message::Accept { gid, .. }
             | Message::Accepted { gid, .. }
             | Message::Decision { gid, .. }
+            | Message::Committed { gid }
             | Message::ResolveQuery { gid, .. }
             | Message::ResolveState { gid, .. } => Some(*gid),
             _ => None,

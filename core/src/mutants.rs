@@ -18,15 +18,20 @@ pub enum Mutant {
     /// The joiner asks its donor for one generation too few, skipping the
     /// transactions of the first generation it missed.
     CatchupSkipsTransactions,
+    /// The origin answers COMMIT once committed locally, without waiting
+    /// for the members' `Committed` (or the read lease) when the client asked
+    /// for visibility everywhere.
+    ReplyBeforePeerCommits,
 }
 
 impl Mutant {
-    pub const ALL: [Mutant; 5] = [
+    pub const ALL: [Mutant; 6] = [
         Mutant::CommitOnMajorityPrepares,
         Mutant::AckBeforePersist,
         Mutant::ResolverIgnoresBallots,
         Mutant::MinorityAcceptsWrites,
         Mutant::CatchupSkipsTransactions,
+        Mutant::ReplyBeforePeerCommits,
     ];
 
     pub fn name(self) -> &'static str {
@@ -36,6 +41,7 @@ impl Mutant {
             Mutant::ResolverIgnoresBallots => "resolver_ignores_ballots",
             Mutant::MinorityAcceptsWrites => "minority_accepts_writes",
             Mutant::CatchupSkipsTransactions => "catchup_skips_transactions",
+            Mutant::ReplyBeforePeerCommits => "reply_before_peer_commits",
         }
     }
 }

@@ -32,6 +32,13 @@ pub(crate) struct CoordTx {
     pub yes: NodeSet,
     pub acks: NodeSet,
     pub deadline: Time,
+    /// Answer only once every member committed (or the wait ran out).
+    pub wait_peers: bool,
+    /// Members whose `COMMIT PREPARED` finished (this node included).
+    pub committed: NodeSet,
+    /// Set when every vote is in: past it, a member that has not committed
+    /// has stopped serving reads (its hold outlived the read lease).
+    pub confirm_by: Time,
     /// When the members that voted yes last heard "still collecting" (they
     /// would otherwise start resolving it).
     pub nudged: Time,
@@ -54,6 +61,11 @@ pub(crate) struct PeerView {
     pub connected: NodeSet,
     pub last_online_gen: u64,
     pub ready_to_join: bool,
+    /// Latest `sent_at` of the peer's heartbeats, echoed back in ours.
+    pub their_clock: Option<Time>,
+    /// The freshest of our own clock instants the peer echoed while in
+    /// generation `.1` (and promised nothing newer): the read lease it grants.
+    pub vouched: Option<(Time, u64)>,
 }
 
 #[derive(Clone, Debug)]
@@ -113,6 +125,14 @@ pub struct Node {
     pub(crate) applying: BTreeMap<Gid, Time>,
     /// Decided transactions whose `COMMIT/ROLLBACK PREPARED` has not finished.
     pub(crate) finishing: std::collections::BTreeSet<Gid>,
+    /// Transactions prepared here and not finished, with when this node
+    /// first held them (`None`: before this incarnation). One held longer
+    /// than the read lease may be committed elsewhere: no reads here.
+    pub(crate) holds: BTreeMap<Gid, Option<Time>>,
+    /// Answers that promise visibility everywhere wait until then: members
+    /// excluded by this generation may have served reads until their lease
+    /// from its members ran out.
+    pub(crate) hold_replies_until: Time,
 
     // resolver
     pub(crate) resolving: BTreeMap<Gid, Resolution>,
@@ -162,6 +182,7 @@ impl Node {
                     node.in_doubt.insert(*gid, InDoubt { since: now });
                 }
             }
+            node.holds.insert(*gid, None);
         }
         node
     }
@@ -186,6 +207,8 @@ impl Node {
             in_doubt: BTreeMap::new(),
             applying: BTreeMap::new(),
             finishing: Default::default(),
+            holds: BTreeMap::new(),
+            hold_replies_until: now + cfg.peer_commit_wait(),
             resolving: BTreeMap::new(),
             max_round: 0,
             catchup: None,
@@ -202,7 +225,9 @@ impl Node {
         match input {
             Input::Tick => self.on_tick(),
             Input::Receive { from, msg } => self.on_message(from, msg),
-            Input::CommitRequest { client } => self.on_commit_request(client),
+            Input::CommitRequest { client, wait_peers } => {
+                self.on_commit_request(client, wait_peers)
+            }
             Input::RemoteTx { gid } => self.on_remote_tx(gid),
             Input::RemoteProgress { gid } => self.on_remote_progress(gid),
             Input::Db(res) => match res {
@@ -250,6 +275,53 @@ impl Node {
     pub fn accepts_work(&self) -> bool {
         self.status == NodeStatus::Online
     }
+    /// Until when this node may serve reads with the read-after-commit
+    /// guarantee, absent new inputs (`None`: not now). Online; a majority of
+    /// the generation vouched for it within the read lease; nothing held
+    /// prepared here longer than the lease. See docs/protocol.md.
+    pub fn readable_until(&self) -> Option<Time> {
+        if self.status != NodeStatus::Online {
+            return None;
+        }
+        let lease = self.cfg.read_lease;
+        let gen = self.durable.gen.num;
+        let mut vouches: Vec<Time> = self
+            .cfg
+            .all_nodes()
+            .iter()
+            .filter(|&n| n != self.cfg.id)
+            .filter_map(|n| match self.peers[n as usize].vouched {
+                Some((at, g)) if g == gen => Some(at),
+                _ => None,
+            })
+            .collect();
+        vouches.sort_unstable_by(|a, b| b.cmp(a));
+        let needed = self.cfg.majority() - 1;
+        let mut until = if needed == 0 {
+            Time(u64::MAX)
+        } else {
+            vouches.get(needed - 1).map(|&at| at + lease)?
+        };
+        for (gid, held) in &self.holds {
+            let own_undecided = self.coord.get(gid).is_some_and(|c| {
+                matches!(
+                    c.phase,
+                    CoordPhase::PreparingLocally | CoordPhase::CollectingVotes
+                )
+            });
+            if own_undecided {
+                continue; // not precommitted: nobody can commit it yet
+            }
+            until = until.min((*held)? + lease);
+        }
+        (self.now < until).then_some(until)
+    }
+
+    /// Whether reads with the read-after-commit guarantee are served now.
+    pub fn readable(&self) -> bool {
+        self.readable_until().is_some()
+    }
+
     /// Peers heard from within the heartbeat timeout, this node included.
     pub fn connected(&self) -> NodeSet {
         self.connected_set()
@@ -288,6 +360,8 @@ impl Node {
     pub(crate) fn dispatch(&mut self, from: NodeId, msg: Message) {
         match msg {
             Message::Heartbeat {
+                sent_at,
+                echo,
                 gen,
                 promised_gen,
                 status,
@@ -295,7 +369,14 @@ impl Node {
                 last_online_gen,
                 ready_to_join,
             } => {
-                self.peers[from as usize].promised_gen = promised_gen;
+                let p = &mut self.peers[from as usize];
+                p.promised_gen = promised_gen;
+                p.their_clock = p.their_clock.max(Some(sent_at));
+                if let Some(at) = echo.filter(|_| promised_gen == gen) {
+                    if p.vouched.is_none_or(|(v, _)| at > v) {
+                        p.vouched = Some((at, gen));
+                    }
+                }
                 self.on_heartbeat(from, gen, status, connected, last_online_gen, ready_to_join)
             }
             Message::Propose { num, members } => self.on_propose(from, num, members),
@@ -314,6 +395,7 @@ impl Node {
             } => self.on_accept(from, gid, ballot, commit),
             Message::Accepted { gid, ballot, ok } => self.on_accepted(from, gid, ballot, ok),
             Message::Decision { gid, commit } => self.on_decision(gid, commit),
+            Message::Committed { gid } => self.on_peer_committed(from, gid),
             Message::ResolveQuery { gid, ballot } => self.on_resolve_query(from, gid, ballot),
             Message::ResolveState {
                 gid,

@@ -214,7 +214,13 @@ impl Cluster {
 
     fn commit(&mut self, at: NodeId, client: u64) -> Option<Outcome> {
         let c = ClientId(client);
-        self.input(at, Input::CommitRequest { client: c });
+        self.input(
+            at,
+            Input::CommitRequest {
+                client: c,
+                wait_peers: false,
+            },
+        );
         self.settle();
         self.replies.get(&c).copied()
     }
@@ -289,6 +295,7 @@ fn coordinator_crash_after_its_precommit_alone_is_resolved_to_abort() {
         1,
         Input::CommitRequest {
             client: ClientId(1),
+            wait_peers: false,
         },
     );
     c.settle();
@@ -478,6 +485,8 @@ fn a_restarted_node_is_online_only_after_heartbeats_show_its_generation_is_curre
     );
     for from in [1, 2] {
         let msg = Message::Heartbeat {
+            sent_at: mm_core::Time::ZERO,
+            echo: None,
             gen: 2,
             promised_gen: 2,
             status: NodeStatus::Online,

@@ -18,6 +18,9 @@
 //! [timeouts]                 # optional, milliseconds; defaults from mm_core::Config::new
 //! heartbeat_interval_ms = 200
 //! heartbeat_timeout_ms = 2000
+//! [visibility]               # optional; see docs/protocol.md, "Visible everywhere"
+//! wait_peer_commits = true   # COMMIT returns once every member shows it (default)
+//! read_lease_ms = 1000       # reads stop on a node its peers have not vouched for within this
 //! ```
 //!
 //! [`NodeConfig::load`] / [`NodeConfig::parse`] validate everything up front,
@@ -99,6 +102,11 @@ pub enum ConfigError {
          timeouts.heartbeat_interval_ms ({interval})"
     )]
     HeartbeatTimeout { interval: u64, timeout: u64 },
+    #[error(
+        "visibility.read_lease_ms ({lease}) must be greater than \
+         timeouts.heartbeat_interval_ms ({interval}): peers renew the lease with heartbeats"
+    )]
+    ReadLease { interval: u64, lease: u64 },
     /// A mesh configuration built by hand is inconsistent.
     #[error("invalid mesh configuration: {0}")]
     Mesh(String),
@@ -118,6 +126,7 @@ pub struct NodeConfig {
     pub nodes: BTreeMap<NodeId, NodeEntry>,
     pub timeouts: Timeouts,
     pub data_plane: DataPlaneConfig,
+    pub visibility: Visibility,
     /// Where the durable protocol state lives (`[state] dir`; default
     /// `mmd-state` beside the config file). Must outlive restarts, like
     /// the PostgreSQL data directory it belongs with.
@@ -135,6 +144,7 @@ impl std::fmt::Debug for NodeConfig {
             .field("nodes", &self.nodes)
             .field("timeouts", &self.timeouts)
             .field("data_plane", &self.data_plane)
+            .field("visibility", &self.visibility)
             .field("state_dir", &self.state_dir)
             .finish()
     }
@@ -205,6 +215,34 @@ impl Default for DataPlaneConfig {
     }
 }
 
+/// The read-after-commit guarantee and what it costs (`[visibility]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Visibility {
+    /// Sessions' default for `mm.wait_peer_commits`: `COMMIT` returns only
+    /// once every online member shows the transaction. `false`: once the
+    /// origin does (peers a few milliseconds later), one round trip less.
+    pub wait_peer_commits: bool,
+    /// See `mm_core::Config::read_lease`.
+    pub read_lease_ms: u64,
+}
+
+impl Default for Visibility {
+    fn default() -> Visibility {
+        let c = mm_core::Config::new(1, 1);
+        Visibility {
+            wait_peer_commits: c.wait_peer_commits,
+            read_lease_ms: c.read_lease.as_millis(),
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawVisibility {
+    wait_peer_commits: Option<bool>,
+    read_lease_ms: Option<u64>,
+}
+
 /// Protocol timeouts in milliseconds, defaults filled in from
 /// `mm_core::Config::new`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -252,6 +290,8 @@ struct RawConfig {
     data_plane: RawDataPlane,
     #[serde(default)]
     state: RawState,
+    #[serde(default)]
+    visibility: RawVisibility,
 }
 
 #[derive(Deserialize, Default)]
@@ -452,6 +492,21 @@ impl NodeConfig {
             });
         }
 
+        let dv = Visibility::default();
+        let visibility = Visibility {
+            wait_peer_commits: raw
+                .visibility
+                .wait_peer_commits
+                .unwrap_or(dv.wait_peer_commits),
+            read_lease_ms: raw.visibility.read_lease_ms.unwrap_or(dv.read_lease_ms),
+        };
+        if visibility.read_lease_ms <= timeouts.heartbeat_interval_ms {
+            return Err(ConfigError::ReadLease {
+                interval: timeouts.heartbeat_interval_ms,
+                lease: visibility.read_lease_ms,
+            });
+        }
+
         let dd = DataPlaneConfig::default();
         let data_plane = DataPlaneConfig {
             appliers_per_peer: raw
@@ -491,6 +546,7 @@ impl NodeConfig {
             nodes,
             timeouts,
             data_plane,
+            visibility,
             state_dir,
         })
     }
@@ -514,6 +570,8 @@ impl NodeConfig {
         c.resolve_after = Time::from_millis(t.resolve_after_ms);
         c.retry_interval = Time::from_millis(t.retry_interval_ms);
         c.catchup_timeout = Time::from_millis(t.catchup_timeout_ms);
+        c.read_lease = Time::from_millis(self.visibility.read_lease_ms);
+        c.wait_peer_commits = self.visibility.wait_peer_commits;
         c
     }
 

@@ -22,6 +22,8 @@ pub enum Command {
     /// The client's open transaction wrote something and asks to commit.
     Commit {
         client: ClientId,
+        /// Answer once every member shows it (the session's `mm.wait_peer_commits`).
+        wait_peers: bool,
         reply: oneshot::Sender<Outcome>,
     },
     Status {
@@ -43,6 +45,16 @@ pub struct StatusSnapshot {
     /// Peers with a live authenticated mesh link (the transport's view).
     pub links: NodeSet,
     pub in_doubt: usize,
+    /// Until when reads keep the read-after-commit guarantee here absent
+    /// news (`None`: not now); see `mm_core::Node::readable_until`.
+    pub readable_until: Option<Instant>,
+}
+
+impl StatusSnapshot {
+    /// Whether a transaction starting now sees every acknowledged commit.
+    pub fn readable_now(&self) -> bool {
+        self.readable_until.is_some_and(|t| Instant::now() < t)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,9 +72,14 @@ pub struct DriverHandle {
 
 impl DriverHandle {
     /// Ask to commit; `None` if the driver has stopped.
-    pub async fn commit(&self, client: ClientId) -> Option<Outcome> {
+    pub async fn commit(&self, client: ClientId, wait_peers: bool) -> Option<Outcome> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Command::Commit { client, reply }).await.ok()?;
+        let cmd = Command::Commit {
+            client,
+            wait_peers,
+            reply,
+        };
+        self.tx.send(cmd).await.ok()?;
         rx.await.ok()
     }
     /// While silenced the node still hears its peers but sends them nothing,
@@ -156,6 +173,7 @@ impl<S: Storage> Driver<S> {
             connected: node.connected(),
             links: mesh.connected(),
             in_doubt: node.in_doubt().count(),
+            readable_until: None,
         };
         let (watch_tx, watch_rx) = watch::channel(first);
         let driver = Driver {
@@ -210,10 +228,10 @@ impl<S: Storage> Driver<S> {
                 }
                 cmd = self.commands.recv() => match cmd {
                     None | Some(Command::Shutdown) => break,
-                    Some(Command::Commit { client, reply }) => {
+                    Some(Command::Commit { client, wait_peers, reply }) => {
                         self.pending.insert(client, reply);
                         let now = self.now();
-                        self.node.handle(now, Input::CommitRequest { client });
+                        self.node.handle(now, Input::CommitRequest { client, wait_peers });
                     }
                     Some(Command::Status { reply }) => {
                         let _ = reply.send(self.snapshot());
@@ -312,6 +330,11 @@ impl<S: Storage> Driver<S> {
             connected: self.node.connected(),
             links: self.mesh.connected(),
             in_doubt: self.node.in_doubt().count(),
+            // Unbounded (one node, nothing held) becomes a day: refreshed long before.
+            readable_until: self.node.readable_until().map(|t| {
+                let day = Time::from_millis(86_400_000);
+                self.epoch + Duration::from_micros(t.min(self.now() + day).0)
+            }),
         }
     }
 }

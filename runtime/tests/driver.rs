@@ -107,7 +107,7 @@ async fn commit_failover_and_rejoin_over_tcp() {
     let all = NodeSet::first_n(N);
 
     assert_eq!(
-        nodes[0].0.commit(ClientId(1)).await,
+        nodes[0].0.commit(ClientId(1), true).await,
         Some(Outcome::Committed)
     );
     wait_for("the commit on every node", async || {
@@ -128,7 +128,7 @@ async fn commit_failover_and_rejoin_over_tcp() {
         .await;
     }
     assert_eq!(
-        nodes[1].0.commit(ClientId(2)).await,
+        nodes[1].0.commit(ClientId(2), true).await,
         Some(Outcome::Committed)
     );
     assert_eq!(
@@ -147,7 +147,7 @@ async fn commit_failover_and_rejoin_over_tcp() {
     }
     assert_eq!(cluster.db(3).committed.len(), 2, "node 3 caught up");
     assert_eq!(
-        nodes[2].0.commit(ClientId(3)).await,
+        nodes[2].0.commit(ClientId(3), true).await,
         Some(Outcome::Committed)
     );
     wait_for("the third commit everywhere", async || {
@@ -186,7 +186,7 @@ async fn a_silenced_node_is_voted_out_and_rejoins_when_it_speaks_again() {
     })
     .await;
     assert_eq!(
-        nodes[0].0.commit(ClientId(1)).await,
+        nodes[0].0.commit(ClientId(1), true).await,
         Some(Outcome::Committed)
     );
 

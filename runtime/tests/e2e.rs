@@ -595,3 +595,55 @@ async fn unreachable_peers_leave_a_node_isolated_and_refusing() {
         "{logged}"
     );
 }
+
+/// Visible everywhere when COMMIT returns (the default): a row committed
+/// through one node's mmd is seen at once through every other node's mmd.
+/// The same probes with `mm.wait_peer_commits = off` are counted, not
+/// asserted (they may or may not lag on a given run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_is_visible_everywhere_when_it_returns() {
+    let Some(c) = cluster("e2e-visible").await else {
+        return;
+    };
+    let writer = c.connect_proxy(0).await.unwrap();
+    writer
+        .batch_execute("create table probe(id int primary key)")
+        .await
+        .unwrap();
+    let readers = [
+        c.connect_proxy(1).await.unwrap(),
+        c.connect_proxy(2).await.unwrap(),
+    ];
+    let probe = |id: i32| format!("select count(*) from probe where id = {id}");
+    let mut stale_default = 0;
+    for id in 0..60 {
+        writer
+            .batch_execute(&format!("insert into probe values ({id})"))
+            .await
+            .unwrap();
+        for r in &readers {
+            let n: i64 = r.query_one(&probe(id), &[]).await.unwrap().get(0);
+            stale_default += (n == 0) as usize;
+        }
+    }
+    writer
+        .batch_execute("set mm.wait_peer_commits = off")
+        .await
+        .unwrap();
+    let mut stale_relaxed = 0;
+    for id in 100..160 {
+        writer
+            .batch_execute(&format!("insert into probe values ({id})"))
+            .await
+            .unwrap();
+        for r in &readers {
+            let n: i64 = r.query_one(&probe(id), &[]).await.unwrap().get(0);
+            stale_relaxed += (n == 0) as usize;
+        }
+    }
+    eprintln!("stale reads: default {stale_default}/120, relaxed {stale_relaxed}/120");
+    assert_eq!(
+        stale_default, 0,
+        "a committed row was not visible on a peer"
+    );
+}

@@ -163,6 +163,7 @@ pub struct World {
     phase: Phase,
     stop_clients: bool,
     atomicity: Atomicity,
+    read_after: checkers::read_after_commit::ReadAfterCommit,
     majority: Majority,
     acked: Vec<Gid>,
     violations: Vec<Violation>,
@@ -255,6 +256,7 @@ impl World {
             phase: Phase::Safety,
             stop_clients: false,
             atomicity: Atomicity::default(),
+            read_after: Default::default(),
             majority: Majority::default(),
             acked: Vec::new(),
             violations: Vec::new(),
@@ -548,6 +550,20 @@ impl World {
         };
         node.handle(now, input);
         self.drain(id);
+        let readable = self.readable(id);
+        if let Some(v) = self.read_after.check(id, readable) {
+            self.violation(v);
+        }
+    }
+
+    /// Whether `id` would serve a read now (its core's lease and holds).
+    fn readable(&self, id: NodeId) -> bool {
+        let now = self.local_now(id);
+        self.slot(id)
+            .node
+            .as_ref()
+            .and_then(|n| n.readable_until())
+            .is_some_and(|until| now < until)
     }
 
     /// Release a node's outputs in order; Persist reaches the store before
@@ -799,6 +815,7 @@ impl World {
 
     /// Checks after a transaction became committed on a node.
     fn committed_here(&mut self, id: NodeId, gid: Gid, writes: &Writes) {
+        self.read_after.on_committed(id, gid);
         if let Some(v) = self.atomicity.record(id, gid, true) {
             self.violation(v);
         }
@@ -922,7 +939,16 @@ impl World {
                     self.violation(v);
                 }
                 match gid {
-                    Some(g) => self.acked.push(g),
+                    Some(g) => {
+                        self.acked.push(g);
+                        let lacking: Vec<(NodeId, bool)> = (1..=self.params.nodes as NodeId)
+                            .filter(|&n| !self.slot(n).db.is_committed(g))
+                            .map(|n| (n, self.readable(n)))
+                            .collect();
+                        if let Some(v) = self.read_after.on_acked(g, lacking) {
+                            self.violation(v);
+                        }
+                    }
                     None => self.violation(Violation::new(
                         "durability",
                         format!(
@@ -1029,7 +1055,13 @@ impl World {
             inc,
             gid: None,
         };
-        self.feed(node, Input::CommitRequest { client: cid });
+        self.feed(
+            node,
+            Input::CommitRequest {
+                client: cid,
+                wait_peers: true,
+            },
+        );
     }
 
     fn apply_fault(&mut self, action: FaultAction) {

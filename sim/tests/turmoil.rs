@@ -169,13 +169,13 @@ fn seeded_slot_loss_regressions() {
 }
 
 /// What mmd's silence is for: without it, a `recovery` member whose slots
-/// were lost stays one, and the cluster never settles. (Seed 24 stopped
-/// getting stuck when the default vote timeout went to 5 s; 27 took its
-/// place, found with `mm-sim turmoil --seeds 80 --slot-loss every-crash
-/// --no-silence`.)
+/// were lost stays one, and the cluster never settles. Which seeds get
+/// stuck moves with the protocol's timing (found with `mm-sim turmoil
+/// --seeds 60 --slot-loss every-crash --no-silence`: 23, 24, 29, 56 since
+/// per-peer heartbeats and the wait for peers' commits).
 #[test]
 fn without_silence_a_recovery_member_with_lost_slots_stays_stuck() {
-    for seed in [23, 27] {
+    for seed in [23, 29] {
         let stuck = run_turmoil(&TurmoilOptions {
             no_silence: true,
             ..every_crash(seed, 3)

@@ -163,6 +163,7 @@ async fn run(cfg: NodeConfig) -> Result<(), String> {
         handle.clone(),
         hub.clone(),
         handle.watch(),
+        cfg.visibility,
     ));
     tokio::spawn(async move {
         if let Err(e) = serve(listener, ctx).await {

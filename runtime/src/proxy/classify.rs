@@ -199,6 +199,45 @@ pub fn copies_in(sql: &str) -> bool {
     first.is_some_and(|w| w.eq_ignore_ascii_case("copy")) && classify(sql) == Kind::Write
 }
 
+/// A statement that changes the session's `mm.wait_peer_commits`:
+/// `Some(Some(v))` for `SET [SESSION|LOCAL] mm.wait_peer_commits = v|TO v`,
+/// `Some(None)` for `RESET` (back to the node's default). The statement
+/// still goes to PostgreSQL (a placeholder setting there, so `SHOW` works);
+/// the proxy keeps its own copy to avoid asking at every COMMIT. `LOCAL` is
+/// taken as session-wide.
+pub fn wait_peer_commits_setting(sql: &str) -> Option<Option<bool>> {
+    let lower = sql.trim().trim_end_matches(';').to_ascii_lowercase();
+    let mut w = lower
+        .split(|c: char| c.is_whitespace() || c == '=')
+        .filter(|t| !t.is_empty());
+    match w.next()? {
+        "reset" => (w.next()? == "mm.wait_peer_commits" && w.next().is_none()).then_some(None),
+        "set" => {
+            let mut name = w.next()?;
+            if name == "session" || name == "local" {
+                name = w.next()?;
+            }
+            if name != "mm.wait_peer_commits" {
+                return None;
+            }
+            let mut v = w.next()?;
+            if v == "to" {
+                v = w.next()?;
+            }
+            if w.next().is_some() {
+                return None;
+            }
+            match v.trim_matches('\'') {
+                "on" | "true" | "yes" | "1" => Some(Some(true)),
+                "off" | "false" | "no" | "0" => Some(Some(false)),
+                "default" => Some(None),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
 /// The kind of a single statement (a Parse message holds one).
 pub fn classify(sql: &str) -> Kind {
     let all = statements(sql);
@@ -369,6 +408,22 @@ mod tests {
 
     fn k(sql: &str) -> Kind {
         classify(sql)
+    }
+
+    #[test]
+    fn wait_peer_commits_settings() {
+        let w = wait_peer_commits_setting;
+        assert_eq!(w("SET mm.wait_peer_commits = off"), Some(Some(false)));
+        assert_eq!(
+            w("set session mm.wait_peer_commits to 'on';"),
+            Some(Some(true))
+        );
+        assert_eq!(w("SET LOCAL mm.wait_peer_commits=false"), Some(Some(false)));
+        assert_eq!(w("RESET mm.wait_peer_commits"), Some(None));
+        assert_eq!(w("SET mm.wait_peer_commits TO DEFAULT"), Some(None));
+        assert_eq!(w("SET mm.wait_peer_commits = maybe"), None);
+        assert_eq!(w("SET work_mem = '4MB'"), None);
+        assert_eq!(w("select 'SET mm.wait_peer_commits = off'"), None);
     }
 
     #[test]

@@ -30,6 +30,8 @@ pub struct ProxyContext {
     pub driver: DriverHandle,
     pub hub: Arc<Hub>,
     pub status: watch::Receiver<StatusSnapshot>,
+    /// The node's `[visibility]`: sessions' default `mm.wait_peer_commits`.
+    pub visibility: crate::config::Visibility,
     next_client: AtomicU64,
 }
 
@@ -41,6 +43,7 @@ impl ProxyContext {
         driver: DriverHandle,
         hub: Arc<Hub>,
         status: watch::Receiver<StatusSnapshot>,
+        visibility: crate::config::Visibility,
     ) -> ProxyContext {
         ProxyContext {
             node_id,
@@ -49,6 +52,7 @@ impl ProxyContext {
             driver,
             hub,
             status,
+            visibility,
             next_client: AtomicU64::new(1),
         }
     }

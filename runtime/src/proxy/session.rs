@@ -108,7 +108,15 @@ struct Session {
     /// An administrator's session (`-c mm.admin_bypass=on`): it stays open
     /// on a node that is not online, to look at it.
     bypass: bool,
+    /// `mm.wait_peer_commits` of this session (the node's default until SET).
+    wait_peers: bool,
 }
+
+/// How long a statement waits for a node that is online but not readable
+/// (its peers' lease lapsed, or it holds a transaction prepared past the
+/// lease that may be committed elsewhere) before its session ends: long
+/// enough for a resolver and a generation change to settle it.
+const READ_WAIT: std::time::Duration = std::time::Duration::from_secs(6);
 
 /// Serve one client connection to the end.
 pub async fn run(sock: TcpStream, ctx: Arc<ProxyContext>, id: ClientId) {
@@ -119,6 +127,7 @@ pub async fn run(sock: TcpStream, ctx: Arc<ProxyContext>, id: ClientId) {
     let mut client_w: FrameWriter<BoxWrite> = FrameWriter::new(Box::new(w));
     match startup(&mut client_r, &mut client_w, &ctx).await {
         Ok(Some((backend_r, backend_w, bypass))) => {
+            let wait_peers = ctx.visibility.wait_peer_commits;
             let mut s = Session {
                 id,
                 ctx,
@@ -137,6 +146,7 @@ pub async fn run(sock: TcpStream, ctx: Arc<ProxyContext>, id: ClientId) {
                 had_ddl: false,
                 saw_error: false,
                 bypass,
+                wait_peers,
             };
             match s.serve().await {
                 Ok(()) => tracing::debug!(?peer, "client session ended"),
@@ -399,13 +409,50 @@ impl Session {
         }
     }
 
+    /// Track `SET/RESET mm.wait_peer_commits` (PostgreSQL keeps its own copy).
+    fn note_setting(&mut self, sql: &str) {
+        if let Some(v) = classify::wait_peer_commits_setting(sql) {
+            self.wait_peers = v.unwrap_or(self.ctx.visibility.wait_peer_commits);
+        }
+    }
+
+    /// Wait (at most [`READ_WAIT`]) until this node may serve reads again;
+    /// the status then, `Isolated` standing for "still not readable".
+    async fn wait_readable(&mut self) -> NodeStatus {
+        let until = tokio::time::Instant::now() + READ_WAIT;
+        let mut status = self.ctx.status.clone();
+        loop {
+            {
+                let s = status.borrow_and_update();
+                if s.status != NodeStatus::Online {
+                    return s.status;
+                }
+                if s.readable_now() {
+                    return NodeStatus::Online;
+                }
+            }
+            let tick = tokio::time::sleep(std::time::Duration::from_millis(20));
+            tokio::select! {
+                _ = status.changed() => {}
+                _ = tick => {}
+                _ = tokio::time::sleep_until(until) => {
+                    tracing::warn!(node = self.ctx.node_id, "not readable for {READ_WAIT:?}: session ends");
+                    return NodeStatus::Isolated;
+                }
+            }
+        }
+    }
+
     /// Returns false when the client said goodbye.
     async fn on_client(&mut self, f: Frame) -> Result<bool, SessionError> {
         // A node that left `online` (cut off, or its generation moved on
         // without it) may lack committed transactions: its sessions end
         // rather than read or write a stale copy.
         if matches!(f.tag, b'Q' | b'H' | b'S') && !self.bypass {
-            let status = self.ctx.status.borrow().status;
+            let mut status = self.ctx.status.borrow().status;
+            if status == NodeStatus::Online && !self.ctx.status.borrow().readable_now() {
+                status = self.wait_readable().await;
+            }
             if status != NodeStatus::Online {
                 self.client_w.push(&fatal(
                     CANNOT_CONNECT_NOW,
@@ -427,6 +474,7 @@ impl Session {
             }
             b'P' => {
                 let p: Parse = decode(&f)?;
+                self.note_setting(&p.query);
                 let kind = classify::classify(&p.query);
                 let st = Stmt {
                     kind,
@@ -681,6 +729,9 @@ impl Session {
     async fn simple_query(&mut self, f: Frame, sql: String) -> Result<(), SessionError> {
         self.extended = false;
         let stmts = classify::statements(&sql);
+        for (text, _) in &stmts {
+            self.note_setting(text);
+        }
         if let Some(reason) = stmts.iter().find_map(|(_, k)| match k {
             Kind::Refused(r) => Some(*r),
             _ => None,
@@ -969,7 +1020,8 @@ impl Session {
         self.ctx.hub.register_session(self.id, tx);
         let driver = self.ctx.driver.clone();
         let id = self.id;
-        let outcome = async move { driver.commit(id).await };
+        let wait_peers = self.wait_peers;
+        let outcome = async move { driver.commit(id, wait_peers).await };
         tokio::pin!(outcome);
         let mut prepare_error: Option<Frame> = None;
         let outcome = loop {

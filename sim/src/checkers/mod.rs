@@ -10,6 +10,7 @@ pub mod durability;
 pub mod liveness;
 pub mod majority;
 pub mod prepared_left;
+pub mod read_after_commit;
 
 use serde::Serialize;
 use std::fmt;
@@ -36,7 +37,7 @@ impl fmt::Display for Violation {
 }
 
 /// Names of every checker, for reports.
-pub const CHECKERS: [&str; 8] = [
+pub const CHECKERS: [&str; 9] = [
     "atomicity",
     "durability",
     "convergence",
@@ -45,4 +46,5 @@ pub const CHECKERS: [&str; 8] = [
     "prepared_left",
     "answered",
     "liveness",
+    "read_after_commit",
 ];

@@ -655,7 +655,7 @@ async fn run_client(c: ClientCtx) -> ::turmoil::Result {
         tokio::task::spawn_local(async move {
             let r = match h {
                 None => None,
-                Some(h) => tokio::time::timeout(CLIENT_TIMEOUT, h.commit(client))
+                Some(h) => tokio::time::timeout(CLIENT_TIMEOUT, h.commit(client, true))
                     .await
                     .ok()
                     .flatten(),
