@@ -8,7 +8,7 @@
 //! - `mm-harness chaos [--backend local|docker] [--nodes 3|5] [--duration D] [--seed S]
 //!   [--json]`: workloads under seeded faults, availability, the checks.
 //! - `mm-harness bench [--seconds N] [--json] [--no-fsync] [--workdir D]
-//!   [--phases single,cluster,async,two_pc,read,latency,bulk]`: mm against
+//!   [--phases single,cluster,relaxed,async,two_pc,read,latency,bulk]`: mm against
 //!   its baselines, phase after phase (harness/src/bench): one plain
 //!   PostgreSQL, the mm cluster through its mmds, the asynchronous
 //!   logical-replication mesh, plain two-phase commit, the read path
@@ -156,7 +156,7 @@ enum Cmd {
         #[arg(long)]
         workdir: Option<PathBuf>,
         /// Comma list of the phases to run (in their fixed order):
-        /// single,cluster,async,two_pc,read,latency,bulk, or all.
+        /// single,cluster,relaxed,async,two_pc,read,latency,bulk, or all.
         #[arg(long, default_value = "all", value_parser = parse_phases)]
         phases: mm_harness::bench::Phases,
     },

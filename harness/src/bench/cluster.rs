@@ -71,6 +71,16 @@ pub async fn run_cluster_with(bin: &PgBin, opts: &BenchOptions) -> Result<Cluste
     cluster_phase(bin, &cluster, opts).await
 }
 
+/// The cluster phase with every node's `[visibility] wait_peer_commits =
+/// false`: COMMIT returns once the origin committed (peers a moment later).
+pub async fn run_relaxed_with(bin: &PgBin, opts: &BenchOptions) -> Result<ClusterBenchResult> {
+    let extra = "[visibility]\nwait_peer_commits = false\n";
+    let cluster = start_cluster_with(opts, "bench-relaxed", extra).await?;
+    let mut r = cluster_phase(bin, &cluster, opts).await?;
+    r.phase = "mm-cluster-relaxed".into();
+    Ok(r)
+}
+
 /// Phase (b) on a running cluster whose `mm` table does not exist yet.
 pub async fn cluster_phase(
     bin: &PgBin,
@@ -150,10 +160,18 @@ fn node_figures(v: &Verdict) -> (Vec<Option<i64>>, Vec<Option<i64>>, i64) {
 
 /// Three PostgreSQL + three mmd in `<work_root>/<name>`, with `opts.fsync`.
 pub async fn start_cluster(opts: &BenchOptions, name: &str) -> Result<MmCluster> {
+    start_cluster_with(opts, name, "").await
+}
+
+async fn start_cluster_with(opts: &BenchOptions, name: &str, extra: &str) -> Result<MmCluster> {
     let mut cfg = LocalClusterConfig::new(name, 3);
     cfg.work_dir = Some(opts.work_root.join(name));
     cfg.fsync = opts.fsync;
-    MmCluster::start(cfg, MmOptions::default())
+    let mm = MmOptions {
+        extra_config: extra.to_string(),
+        ..MmOptions::default()
+    };
+    MmCluster::start(cfg, mm)
         .await
         .with_context(|| format!("starting the mm cluster {name} (3 PostgreSQL + 3 mmd)"))
 }

@@ -305,6 +305,16 @@ pub struct SingleCluster {
     pub cluster: Option<f64>,
 }
 
+/// The relaxed cluster phase, beside the default's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct RelaxedSummary {
+    pub script_tps: f64,
+    pub p99_ms: f64,
+    /// relaxed.script_tps / cluster.tps.
+    pub vs_default: Option<f64>,
+    pub agreed: bool,
+}
+
 /// What `mm-harness bench` prints (`--json`: this, on the last line). A
 /// phase not run (see `phases`) or failed (see `errors`) is null, and so is
 /// every figure that needs it.
@@ -317,6 +327,9 @@ pub struct BenchReport {
     pub phases: Vec<String>,
     pub single: Option<SingleSummary>,
     pub cluster: Option<ClusterBenchResult>,
+    /// The cluster phase with `mm.wait_peer_commits = off` (COMMIT returns
+    /// once the origin committed): its script-tps and p99 beside the default's.
+    pub relaxed: Option<RelaxedSummary>,
     #[serde(rename = "async")]
     pub async_mesh: Option<AsyncSummary>,
     pub read: Option<ReadBenchResult>,
@@ -363,6 +376,7 @@ pub struct BenchReport {
 pub struct PhaseResults {
     pub single: Option<BaselineResult>,
     pub cluster: Option<ClusterBenchResult>,
+    pub relaxed: Option<ClusterBenchResult>,
     pub mesh: Option<AsyncMeshResult>,
     pub two_pc: Option<TwoPcResult>,
     pub read: Option<ReadBenchResult>,
@@ -406,6 +420,14 @@ pub async fn run_bench(
                 run_cluster_with(bin, opts)
                     .await
                     .map(|x| r.cluster = Some(x))
+            }
+            Phase::Relaxed => {
+                progress(&format!(
+                    "(b') mm cluster relaxed: as (b) with mm.wait_peer_commits = off, {secs} s"
+                ));
+                cluster::run_relaxed_with(bin, opts)
+                    .await
+                    .map(|x| r.relaxed = Some(x))
             }
             Phase::Async => {
                 progress(&format!(
@@ -538,6 +560,12 @@ impl BenchReport {
                 rows: m.rows,
                 apply_errors: m.apply_errors,
             }),
+            relaxed: r.relaxed.map(|x| RelaxedSummary {
+                script_tps: x.figures.tps,
+                p99_ms: x.figures.p99_ms,
+                vs_default: ratio(Some(x.figures.tps), cluster_tps),
+                agreed: x.agreed,
+            }),
             cluster: r.cluster,
             read: r.read,
             two_pc_limit: r.two_pc,
@@ -590,6 +618,18 @@ impl BenchReport {
         if let Some(x) = &self.cluster {
             line("mm-cluster", &x.figures);
         }
+        if let Some(x) = &self.relaxed {
+            s.push_str(&format!(
+                "{:<16} {:>10.1} {:>9} {:>9.2}   (mm.wait_peer_commits = off)\n",
+                "mm-relaxed", x.script_tps, "", x.p99_ms
+            ));
+        }
+        let mut line = |name: &str, f: &PgbenchFigures| {
+            s.push_str(&format!(
+                "{name:<16} {:>10.1} {:>9.2} {:>9.2} {:>9} {:>8} {:>8}\n",
+                f.tps, f.p50_ms, f.p99_ms, f.transactions, f.retries, f.failures
+            ))
+        };
         if let Some(x) = &self.async_mesh {
             line("async-mesh", &x.figures);
         }

@@ -8,6 +8,8 @@ use std::fmt;
 pub enum Phase {
     Single,
     Cluster,
+    /// The cluster phase with `mm.wait_peer_commits = off` on every node.
+    Relaxed,
     Async,
     TwoPc,
     Read,
@@ -17,9 +19,10 @@ pub enum Phase {
 
 impl Phase {
     /// Every phase, in the order they run.
-    pub const ALL: [Phase; 7] = [
+    pub const ALL: [Phase; 8] = [
         Phase::Single,
         Phase::Cluster,
+        Phase::Relaxed,
         Phase::Async,
         Phase::TwoPc,
         Phase::Read,
@@ -32,6 +35,7 @@ impl Phase {
         match self {
             Phase::Single => "single",
             Phase::Cluster => "cluster",
+            Phase::Relaxed => "relaxed",
             Phase::Async => "async",
             Phase::TwoPc => "two_pc",
             Phase::Read => "read",

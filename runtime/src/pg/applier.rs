@@ -203,6 +203,14 @@ pub fn priority_epoch() -> u64 {
     secs / PRIORITY_PERIOD_S
 }
 
+/// Lock wait of a replayed transaction that holds DDL. Autovacuum, which
+/// starts on a freshly loaded table, holds a lock that `CREATE INDEX` and
+/// most `ALTER TABLE`s wait for, and yields it only to a waiter of more than
+/// `deadlock_timeout` (1 s by default): with the row-level lock wait the
+/// peer gave up first and voted no (a 1M-row CREATE INDEX through mmd
+/// aborted so in `mm-harness bench --phases bulk`).
+pub const DDL_LOCK_TIMEOUT_MS: u64 = 3000;
+
 /// `BEGIN`, the transaction's statements and the `mm.applied_tx` record,
 /// ready for `PREPARE TRANSACTION`, cut into simple queries of about
 /// [`CHUNK_BYTES`] each (one string of a million rows would be parsed whole,
@@ -214,6 +222,11 @@ pub fn replay_body(
     node_id: NodeId,
 ) -> Result<(Vec<String>, Vec<Stmt>), String> {
     let ddl = tx.changes.iter().any(|ch| matches!(ch, Change::Ddl { .. }));
+    let lock_timeout_ms = if ddl {
+        lock_timeout_ms.max(DDL_LOCK_TIMEOUT_MS)
+    } else {
+        lock_timeout_ms
+    };
     let stmts = replay_statements(&tx.changes).map_err(|e| e.to_string())?;
     let mut chunks = Vec::new();
     let mut sql = format!("BEGIN; SET LOCAL lock_timeout = '{lock_timeout_ms}ms'");
