@@ -125,7 +125,7 @@ mod tests {
         assert!(p.has(Phase::Bulk) && !p.has(Phase::Read));
         assert_eq!(Phases::parse("all").unwrap(), Phases::default());
         assert_eq!(Phases::parse("").unwrap(), Phases::default());
-        assert_eq!(Phases::default().iter().count(), 7);
+        assert_eq!(Phases::default().iter().count(), 8);
     }
 
     #[test]
