@@ -64,10 +64,6 @@ pub struct Config {
     /// which exceeds the lease: a member that has not committed by then has
     /// stopped serving reads. See docs/protocol.md, "Visible everywhere".
     pub read_lease: Time,
-    /// Whether `COMMIT` returns only once every member of the generation
-    /// committed (or left the readable set): the default. `false` answers
-    /// once the origin committed; peers show it shortly after.
-    pub wait_peer_commits: bool,
     /// A deliberately broken protocol variant, for the simulator's mutant sweep.
     #[cfg(feature = "mutants")]
     pub mutant: Option<Mutant>,
@@ -113,7 +109,6 @@ impl Config {
             retry_interval: Time::from_millis(400),
             catchup_timeout: Time::from_millis(3000),
             read_lease: Time::from_millis(1000),
-            wait_peer_commits: true,
             #[cfg(feature = "mutants")]
             mutant: None,
         })
@@ -162,8 +157,8 @@ pub enum Input {
     Receive { from: NodeId, msg: Message },
     /// A client transaction that wrote something asks to commit. The core
     /// answers with `Db(PrepareLocal)` and later a `Reply`, or refuses at once.
-    /// `wait_peers`: answer only once every member shows it (see
-    /// [`Config::wait_peer_commits`], the session's default).
+    /// `wait_peers`: answer only once every member shows it, or has left
+    /// the readable set (the session's `mm.wait_peer_commits`).
     CommitRequest { client: ClientId, wait_peers: bool },
     /// The data plane delivered a peer's prepared transaction. The core
     /// answers with `Db(ApplyAndPrepare)` or `Db(Discard)`.

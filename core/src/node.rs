@@ -285,16 +285,18 @@ impl Node {
         }
         let lease = self.cfg.read_lease;
         let gen = self.durable.gen.num;
-        let mut vouches: Vec<Time> = self
-            .cfg
-            .all_nodes()
-            .iter()
-            .filter(|&n| n != self.cfg.id)
-            .filter_map(|n| match self.peers[n as usize].vouched {
-                Some((at, g)) if g == gen => Some(at),
-                _ => None,
-            })
-            .collect();
+        // Called after every input (the driver publishes it): no allocation.
+        let mut vouches = [Time::ZERO; crate::ids::MAX_NODES + 1];
+        let mut n_vouches = 0;
+        for n in self.cfg.all_nodes().iter().filter(|&n| n != self.cfg.id) {
+            if let Some((at, g)) = self.peers[n as usize].vouched {
+                if g == gen {
+                    vouches[n_vouches] = at;
+                    n_vouches += 1;
+                }
+            }
+        }
+        let vouches = &mut vouches[..n_vouches];
         vouches.sort_unstable_by(|a, b| b.cmp(a));
         let needed = self.cfg.majority() - 1;
         let mut until = if needed == 0 {
@@ -315,11 +317,6 @@ impl Node {
             until = until.min((*held)? + lease);
         }
         (self.now < until).then_some(until)
-    }
-
-    /// Whether reads with the read-after-commit guarantee are served now.
-    pub fn readable(&self) -> bool {
-        self.readable_until().is_some()
     }
 
     /// Peers heard from within the heartbeat timeout, this node included.

@@ -228,10 +228,9 @@ pub struct Visibility {
 
 impl Default for Visibility {
     fn default() -> Visibility {
-        let c = mm_core::Config::new(1, 1);
         Visibility {
-            wait_peer_commits: c.wait_peer_commits,
-            read_lease_ms: c.read_lease.as_millis(),
+            wait_peer_commits: true,
+            read_lease_ms: mm_core::Config::new(1, 1).read_lease.as_millis(),
         }
     }
 }
@@ -571,7 +570,6 @@ impl NodeConfig {
         c.retry_interval = Time::from_millis(t.retry_interval_ms);
         c.catchup_timeout = Time::from_millis(t.catchup_timeout_ms);
         c.read_lease = Time::from_millis(self.visibility.read_lease_ms);
-        c.wait_peer_commits = self.visibility.wait_peer_commits;
         c
     }
 

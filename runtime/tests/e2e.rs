@@ -614,36 +614,36 @@ async fn a_commit_is_visible_everywhere_when_it_returns() {
         c.connect_proxy(1).await.unwrap(),
         c.connect_proxy(2).await.unwrap(),
     ];
-    let probe = |id: i32| format!("select count(*) from probe where id = {id}");
-    let mut stale_default = 0;
-    for id in 0..60 {
-        writer
-            .batch_execute(&format!("insert into probe values ({id})"))
-            .await
-            .unwrap();
-        for r in &readers {
-            let n: i64 = r.query_one(&probe(id), &[]).await.unwrap().get(0);
-            stale_default += (n == 0) as usize;
-        }
-    }
+    let stale_default = stale_reads(&writer, &readers, 0..60).await;
     writer
         .batch_execute("set mm.wait_peer_commits = off")
         .await
         .unwrap();
-    let mut stale_relaxed = 0;
-    for id in 100..160 {
-        writer
-            .batch_execute(&format!("insert into probe values ({id})"))
-            .await
-            .unwrap();
-        for r in &readers {
-            let n: i64 = r.query_one(&probe(id), &[]).await.unwrap().get(0);
-            stale_relaxed += (n == 0) as usize;
-        }
-    }
+    let stale_relaxed = stale_reads(&writer, &readers, 100..160).await;
     eprintln!("stale reads: default {stale_default}/120, relaxed {stale_relaxed}/120");
     assert_eq!(
         stale_default, 0,
         "a committed row was not visible on a peer"
     );
+}
+
+/// Insert each id through `writer`, then count the readers that do not see it yet.
+async fn stale_reads(
+    writer: &tokio_postgres::Client,
+    readers: &[tokio_postgres::Client],
+    ids: std::ops::Range<i32>,
+) -> usize {
+    let mut stale = 0;
+    for id in ids {
+        writer
+            .batch_execute(&format!("insert into probe values ({id})"))
+            .await
+            .unwrap();
+        for r in readers {
+            let sql = format!("select count(*) from probe where id = {id}");
+            let n: i64 = r.query_one(&sql, &[]).await.unwrap().get(0);
+            stale += (n == 0) as usize;
+        }
+    }
+    stale
 }

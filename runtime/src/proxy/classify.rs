@@ -206,6 +206,11 @@ pub fn copies_in(sql: &str) -> bool {
 /// the proxy keeps its own copy to avoid asking at every COMMIT. `LOCAL` is
 /// taken as session-wide.
 pub fn wait_peer_commits_setting(sql: &str) -> Option<Option<bool>> {
+    // Every statement passes here: lower-case (allocate) only a SET/RESET.
+    let first = sql.trim_start().split(char::is_whitespace).next()?;
+    if !first.eq_ignore_ascii_case("set") && !first.eq_ignore_ascii_case("reset") {
+        return None;
+    }
     let lower = sql.trim().trim_end_matches(';').to_ascii_lowercase();
     let mut w = lower
         .split(|c: char| c.is_whitespace() || c == '=')

@@ -449,8 +449,11 @@ impl Session {
         // without it) may lack committed transactions: its sessions end
         // rather than read or write a stale copy.
         if matches!(f.tag, b'Q' | b'H' | b'S') && !self.bypass {
-            let mut status = self.ctx.status.borrow().status;
-            if status == NodeStatus::Online && !self.ctx.status.borrow().readable_now() {
+            let (mut status, readable) = {
+                let s = self.ctx.status.borrow();
+                (s.status, s.readable_now())
+            };
+            if status == NodeStatus::Online && !readable {
                 status = self.wait_readable().await;
             }
             if status != NodeStatus::Online {
