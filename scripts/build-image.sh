@@ -42,6 +42,10 @@ WORK=$TARGET_DIR/mm-image
 IMAGE_ENV=(PATH=/usr/local/bin:/usr/lib/postgresql/15/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin
     PGDATA=/var/lib/mm/pgdata MM_CONFIG=/etc/mm/mmd.toml LANG=C.UTF-8)
 IMAGE_EXPOSE=(5432 6432 7100)
+# The data directory is a volume: PostgreSQL's files live on the host's file
+# system, not in the container's overlay (after a `docker kill` + `start` on
+# CI, recovery failed opening a relation's file with ENXIO on the overlay).
+IMAGE_VOLUME=/var/lib/mm
 
 say() { echo "build-image: $*" >&2; }
 die() { say "$*"; exit 1; }
@@ -113,7 +117,7 @@ fi
 # 3. Import, unless the image is already exactly this.
 hash=$( {
     sha256sum "$BASE" "$BIN/mmd" "$BIN/mmctl" "$ROOT/docker/entrypoint.sh" | cut -d' ' -f1
-    printf '%s\n' "${IMAGE_ENV[@]}" "${IMAGE_EXPOSE[@]}"
+    printf '%s\n' "${IMAGE_ENV[@]}" "${IMAGE_EXPOSE[@]}" "$IMAGE_VOLUME"
 } | sha256sum | cut -c1-32)
 have=$(docker image inspect "$TAG" --format '{{ index .Config.Labels "mm.build-hash" }}' 2>/dev/null || true)
 if [ "$have" = "$hash" ]; then
@@ -136,6 +140,7 @@ changes=(--change 'ENTRYPOINT ["/usr/local/bin/mm-entrypoint"]'
     --change "LABEL mm.build-hash=$hash")
 for e in "${IMAGE_ENV[@]}"; do changes+=(--change "ENV $e"); done
 for p in "${IMAGE_EXPOSE[@]}"; do changes+=(--change "EXPOSE $p"); done
+changes+=(--change "VOLUME $IMAGE_VOLUME")
 say "docker import -> $TAG"
 as_root tar --numeric-owner -C "$ROOTFS" -c . | docker import "${changes[@]}" - "$TAG" >/dev/null
 as_root rm -rf "$ROOTFS"

@@ -116,7 +116,12 @@ pub struct Driver<S: Storage> {
     epoch: Instant,
     watch: watch::Sender<StatusSnapshot>,
     silenced: bool,
+    /// Sees every core event as it is output (a simulator's phase tap).
+    on_event: Option<EventHook>,
 }
+
+/// A synchronous observer of the core's events, called in output order.
+pub type EventHook = Box<dyn FnMut(NodeId, &Event) + Send>;
 
 impl<S: Storage> Driver<S> {
     /// Load the node's state from `storage` (bootstrapping a fresh member)
@@ -187,6 +192,7 @@ impl<S: Storage> Driver<S> {
             pending: BTreeMap::new(),
             epoch,
             silenced: false,
+            on_event: None,
             watch: watch_tx,
         };
         Ok((
@@ -203,6 +209,14 @@ impl<S: Storage> Driver<S> {
     }
 
     /// Run until shutdown. Returns an error only if storage failed.
+    /// Calls `hook` with every core event, synchronously, before the next
+    /// input: the turmoil tier's phase tap (a `tracing` subscriber missed
+    /// events when other threads changed the global callsite cache).
+    pub fn on_event(mut self, hook: impl FnMut(NodeId, &Event) + Send + 'static) -> Self {
+        self.on_event = Some(Box::new(hook));
+        self
+    }
+
     pub async fn run(mut self) -> Result<(), DriverError> {
         self.flush().await?;
         loop {
@@ -316,7 +330,12 @@ impl<S: Storage> Driver<S> {
                         let _ = reply.send(outcome); // the client may have gone
                     }
                 }
-                Output::Event(e) => log_event(self.node.id(), &e),
+                Output::Event(e) => {
+                    log_event(self.node.id(), &e);
+                    if let Some(hook) = self.on_event.as_mut() {
+                        hook(self.node.id(), &e);
+                    }
+                }
             }
         }
         Ok(())

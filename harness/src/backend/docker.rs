@@ -533,6 +533,11 @@ impl DockerCluster {
             &ip,
             "--cap-add",
             "NET_ADMIN",
+            // PostgreSQL's files on a volume, not on the container's overlay
+            // (which failed a restart's recovery with ENXIO on CI); removed
+            // with the container (`rm -v`).
+            "--volume",
+            "/var/lib/mm",
             "--publish",
             &pg_publish,
             "--publish",

@@ -129,6 +129,11 @@ pub struct MeshOptions {
     /// Randomness for reconnect jitter and handshake nonces: the OS's by
     /// default; seeded only under a simulated network.
     pub rng: MeshRng,
+    /// Spawn the mesh's tasks on the current `LocalSet` (a simulated host):
+    /// a crash then drops them in spawn order. Runtime tasks are dropped in
+    /// an order derived from tokio's process-wide task ids, which tasks of
+    /// other threads shift, so a seed's run depended on its neighbours.
+    pub local_tasks: bool,
 }
 
 impl Default for MeshOptions {
@@ -142,6 +147,7 @@ impl Default for MeshOptions {
             send_queue: 4096,
             inbound_queue: 4096,
             rng: MeshRng::os(),
+            local_tasks: false,
         }
     }
 }
@@ -268,10 +274,15 @@ impl Mesh {
             listen = %local_addr,
             "mesh started"
         );
-        tracker.spawn(accept_loop(shared.clone(), listener, tracker.clone()));
+        spawn_task(
+            &shared,
+            &tracker,
+            accept_loop(shared.clone(), listener, tracker.clone()),
+        );
         let me = shared.cfg.node_id;
         for (&peer, &addr) in shared.cfg.peers.range(me.saturating_add(1)..) {
-            tracker.spawn(dial_loop(shared.clone(), transport.clone(), peer, addr));
+            let dial = dial_loop(shared.clone(), transport.clone(), peer, addr);
+            spawn_task(&shared, &tracker, dial);
         }
         let mesh = Mesh {
             inner: Arc::new(Inner {
@@ -375,6 +386,17 @@ fn jittered(rng: &MeshRng, backoff: Duration) -> Duration {
     Duration::from_millis(half + rng.range_inclusive(0, ms - half))
 }
 
+fn spawn_task<F>(shared: &Shared, tracker: &TaskTracker, task: F)
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    if shared.opts.local_tasks {
+        tracker.spawn_local(task);
+    } else {
+        tracker.spawn(task);
+    }
+}
+
 async fn accept_loop<L: Listener>(shared: Arc<Shared>, mut listener: L, tracker: TaskTracker) {
     loop {
         let r = tokio::select! {
@@ -385,7 +407,7 @@ async fn accept_loop<L: Listener>(shared: Arc<Shared>, mut listener: L, tracker:
         match r {
             Ok((stream, addr)) => {
                 debug!(peer_addr = %addr, "mesh: connection accepted");
-                tracker.spawn(accepted(shared.clone(), stream, addr));
+                spawn_task(&shared, &tracker, accepted(shared.clone(), stream, addr));
             }
             Err(e) => {
                 warn!(error = %e, "mesh: accept failed");

@@ -34,12 +34,12 @@ pub use phases::{Phase, PhaseCoverage, PhaseFault, PhaseFaults, Target};
 pub use slot_loss::{Resync, SlotLoss};
 pub use transport::{TurmoilListener, TurmoilTransport};
 
-use phases::{CatchupTap, Hit, PhaseTap, SharedTap};
+use phases::{Hit, PhaseTap, SharedTap};
 use slot_loss::{SharedSlots, Slots};
 
 use crate::fnv::Fnv;
 use mm_core::Outcome;
-use mm_core::{ClientId, DbCmd, DurableOp, Gid, Input, Mutant, NodeId, NodeSet, NodeStatus};
+use mm_core::{ClientId, DbCmd, DurableOp, Event, Gid, Input, Mutant, NodeId, NodeSet, NodeStatus};
 use mm_runtime::driver::{Driver, DriverHandle};
 use mm_runtime::mesh::{Mesh, MeshConfig, MeshOptions, MeshRng};
 use mm_runtime::storage::{Loaded, MemCluster, MemStorage, Storage, StorageError};
@@ -225,6 +225,7 @@ fn mesh_options(seed: u64, id: NodeId, incarnation: u64) -> MeshOptions {
         ping_interval: Duration::from_millis(100),
         idle_timeout: Duration::from_millis(1000),
         rng: MeshRng::seeded(mix(seed, ((id as u64) << 32) | incarnation)),
+        local_tasks: true,
         ..MeshOptions::default()
     }
 }
@@ -293,7 +294,9 @@ impl Storage for ObservedStorage {
                 let (cluster, id, results) = (self.cluster.clone(), self.id, results.clone());
                 let (tap, slots, broken) =
                     (self.tap.clone(), self.slots.clone(), self.broken_resync);
-                tokio::spawn(async move {
+                // On the host's LocalSet: a crash drops it in spawn order
+                // (see MeshOptions::local_tasks).
+                tokio::task::spawn_local(async move {
                     tokio::time::sleep(Duration::from_millis(delay)).await;
                     if !slot_loss::resync(&cluster, &slots, (to, id), upto_gen, broken).await {
                         cluster.storage(id, results.clone()).execute(cmd, &results);
@@ -543,7 +546,7 @@ async fn run_node(c: NodeCtx) -> ::turmoil::Result {
         cluster: c.cluster.clone(),
         obs: c.obs,
         lossy: c.lossy,
-        tap: c.tap,
+        tap: c.tap.clone(),
         slots: c.slots.clone(),
         broken_resync: c.broken_resync,
         rng: ChaCha8Rng::seed_from_u64(mix(c.seed ^ 0x57ea, ((c.id as u64) << 32) | c.incarnation)),
@@ -551,6 +554,14 @@ async fn run_node(c: NodeCtx) -> ::turmoil::Result {
     };
     let cfg = core_config(c.id, c.n, c.mutant);
     let (driver, handle) = Driver::start(cfg, storage, mesh, inbox, (tx, rx)).await?;
+    let tap = c.tap;
+    let driver = driver.on_event(move |node, e| {
+        if let Event::CatchupStarted { donor, .. } = e {
+            tap.lock()
+                .expect("lock")
+                .observe(Phase::CatchupJoiner, node, Some(*donor));
+        }
+    });
     c.slots.lock().expect("lock").started(c.id, handle.clone());
     let silence = slot_loss::silence_while_stuck(c.slots.clone(), c.id, handle.clone(), c.silence);
     c.registry.borrow_mut().insert(c.id, handle);
@@ -710,8 +721,6 @@ pub fn run_turmoil(opts: &TurmoilOptions) -> TurmoilReport {
         armed: targets.iter().map(|t| (t.phase, t.fault)).collect(),
         ..PhaseTap::default()
     }));
-    // The driver's log is where the joiner's catch-up start shows.
-    let _tracing = tracing::subscriber::set_default(CatchupTap(tap.clone()));
 
     let mut sim = ::turmoil::Builder::new()
         .rng_seed(seed)

@@ -12,10 +12,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
-use tracing::field::{Field, Visit};
-use tracing::span::{Attributes, Id, Record};
-use tracing::subscriber::Interest;
-use tracing::{Event, Metadata, Subscriber};
 
 /// A protocol phase a targeted fault waits for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -268,80 +264,6 @@ impl PhaseTap {
             _ => false,
         }
     }
-}
-
-// ---------------------------------------------------------------- tracing tap
-
-/// Sees the driver's `catch-up started` log line (the core's
-/// `CatchupStarted` event) and reports it as [`Phase::CatchupJoiner`].
-/// Installed as the run's thread-local default subscriber; every other
-/// callsite is disabled.
-pub struct CatchupTap(pub SharedTap);
-
-fn is_catchup_started(m: &Metadata<'_>) -> bool {
-    m.is_event()
-        && m.target() == "mm_runtime::driver"
-        && m.fields().field("donor").is_some()
-        && m.fields().field("from_gen").is_some()
-}
-
-#[derive(Default)]
-struct NodeDonor {
-    node: Option<u64>,
-    donor: Option<u64>,
-}
-
-impl Visit for NodeDonor {
-    fn record_u64(&mut self, field: &Field, value: u64) {
-        match field.name() {
-            "node" => self.node = Some(value),
-            "donor" => self.donor = Some(value),
-            _ => {}
-        }
-    }
-    fn record_i64(&mut self, field: &Field, value: i64) {
-        if value >= 0 {
-            self.record_u64(field, value as u64);
-        }
-    }
-    fn record_debug(&mut self, _: &Field, _: &dyn fmt::Debug) {}
-}
-
-impl Subscriber for CatchupTap {
-    fn register_callsite(&self, m: &'static Metadata<'static>) -> Interest {
-        if is_catchup_started(m) {
-            Interest::always()
-        } else {
-            Interest::never()
-        }
-    }
-    fn enabled(&self, m: &Metadata<'_>) -> bool {
-        is_catchup_started(m)
-    }
-    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
-        Some(tracing::level_filters::LevelFilter::INFO)
-    }
-    fn new_span(&self, _: &Attributes<'_>) -> Id {
-        Id::from_u64(1)
-    }
-    fn record(&self, _: &Id, _: &Record<'_>) {}
-    fn record_follows_from(&self, _: &Id, _: &Id) {}
-    fn event(&self, e: &Event<'_>) {
-        if !is_catchup_started(e.metadata()) {
-            return;
-        }
-        let mut v = NodeDonor::default();
-        e.record(&mut v);
-        if let (Some(node), Some(donor)) = (v.node, v.donor) {
-            self.0.lock().expect("lock").observe(
-                Phase::CatchupJoiner,
-                node as NodeId,
-                Some(donor as NodeId),
-            );
-        }
-    }
-    fn enter(&self, _: &Id) {}
-    fn exit(&self, _: &Id) {}
 }
 
 // ---------------------------------------------------------------- coverage
