@@ -208,7 +208,6 @@ impl<S: Storage> Driver<S> {
         Time(self.epoch.elapsed().as_micros() as u64)
     }
 
-    /// Run until shutdown. Returns an error only if storage failed.
     /// Calls `hook` with every core event, synchronously, before the next
     /// input: the turmoil tier's phase tap (a `tracing` subscriber missed
     /// events when other threads changed the global callsite cache).
@@ -217,6 +216,7 @@ impl<S: Storage> Driver<S> {
         self
     }
 
+    /// Run until shutdown. Returns an error only if storage failed.
     pub async fn run(mut self) -> Result<(), DriverError> {
         self.flush().await?;
         loop {

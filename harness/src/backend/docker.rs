@@ -533,11 +533,6 @@ impl DockerCluster {
             &ip,
             "--cap-add",
             "NET_ADMIN",
-            // PostgreSQL's files on a volume, not on the container's overlay
-            // (which failed a restart's recovery with ENXIO on CI); removed
-            // with the container (`rm -v`).
-            "--volume",
-            "/var/lib/mm",
             "--publish",
             &pg_publish,
             "--publish",
@@ -761,7 +756,7 @@ impl DockerCluster {
         for n in &self.nodes {
             let out = self
                 .docker
-                .output(&["rm", "-f", "-v", &n.container])
+                .output(&["rm", "-f", "-v", &n.container]) // -v: the image's data volume
                 .await?;
             if !out.ok && !out.stderr.contains("No such container") {
                 errors.push(out.stderr.trim().to_string());

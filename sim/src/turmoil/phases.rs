@@ -3,9 +3,9 @@
 //! reaches that phase, on that node or on its link to a peer.
 //!
 //! Phases are observed from outside the runtime: the sim's storage wrapper
-//! sees every database command and durable write of a node, and a tracing
-//! subscriber (scoped to the run's thread) sees the driver's log of the
-//! core's `CatchupStarted` event, the one phase with no database footprint.
+//! sees every database command and durable write of a node, and the
+//! driver's event hook (`Driver::on_event`) sees the core's `CatchupStarted`
+//! event, the one phase with no database footprint.
 
 use mm_core::{Ballot, DbCmd, DurableOp, NodeId};
 use std::collections::{BTreeMap, BTreeSet};
@@ -180,7 +180,7 @@ pub struct Hit {
 }
 
 /// What the hosts report to the main loop, shared by every node's storage
-/// wrapper and the tracing tap.
+/// wrapper and its driver's event hook.
 #[derive(Debug, Default)]
 pub struct PhaseTap {
     /// Set by the main loop: targets fire only in this window.
