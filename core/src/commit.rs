@@ -131,24 +131,41 @@ impl Node {
         // past this, one that has not committed has stopped serving reads.
         c.confirm_by = now + self.cfg.peer_commit_wait();
         let members = c.members;
-        // The coordinator's own acceptance of its precommit, durable before it is sent.
-        self.send(
-            self.cfg.id,
-            Message::Accept {
-                gid,
-                ballot: Ballot::COORDINATOR,
-                commit: true,
-            },
-        );
+        let accept = Message::Accept {
+            gid,
+            ballot: Ballot::COORDINATOR,
+            commit: true,
+        };
+        // The peers' Accept goes out before the coordinator's own acceptance
+        // is persisted, so both fsyncs overlap: proposing a value needs no
+        // durable state (ballot zero is the coordinator's alone), and its own
+        // ack, counted at once, is released with everything after it only
+        // once durable (outputs are ordered: docs/protocol.md, "Output order").
         let others = members.minus(NodeSet::single(self.cfg.id));
-        self.send_all(
-            others,
-            Message::Accept {
-                gid,
-                ballot: Ballot::COORDINATOR,
-                commit: true,
-            },
-        );
+        if self.is_mutant(crate::Mutant::CountOwnAckUndurable) {
+            self.send_all(others, accept.clone());
+            self.count_own_ack_undurable(gid);
+            return;
+        }
+        self.send_all(others, accept.clone());
+        self.send(self.cfg.id, accept);
+    }
+
+    /// Mutant `CountOwnAckUndurable`: the coordinator counts its own
+    /// acceptance without ever making it durable.
+    fn count_own_ack_undurable(&mut self, gid: Gid) {
+        let quorum = self.coord.get(&gid).map(|c| self.quorum(c.members));
+        let mut rec = self.record(gid);
+        rec.promised = Some(Ballot::COORDINATOR);
+        rec.accepted = Some((Ballot::COORDINATOR, true));
+        self.durable.apply(&DurableOp::Tx(gid, rec));
+        let Some(c) = self.coord.get_mut(&gid) else {
+            return;
+        };
+        c.acks.insert(self.cfg.id);
+        if c.acks.len() >= quorum.unwrap_or(usize::MAX) {
+            self.decide(gid, true);
+        }
     }
 
     /// Acceptor side of a ballot (the coordinator's precommit or a resolver's phase 2).
@@ -210,10 +227,14 @@ impl Node {
             return;
         }
         rec.decided = Some(commit);
-        self.persist(DurableOp::Tx(gid, rec));
+        // A decision reached here is chosen (a majority durably accepted
+        // it), so acting on it needs no record of it: the members finish and
+        // learn it before `decided` is durable. Lost in a crash, the record
+        // is re-learnt from the acceptors by a resolver.
         self.finish_locally(gid, commit);
         let others = self.cfg.all_nodes().minus(NodeSet::single(self.cfg.id));
         self.send_all(others, Message::Decision { gid, commit });
+        self.persist(DurableOp::Tx(gid, rec));
     }
 
     pub(crate) fn on_decision(&mut self, gid: Gid, commit: bool) {
@@ -230,8 +251,9 @@ impl Node {
             return;
         }
         rec.decided = Some(commit);
-        self.persist(DurableOp::Tx(gid, rec));
+        // Chosen already (see `decide`): finish before the record is durable.
         self.finish_locally(gid, commit);
+        self.persist(DurableOp::Tx(gid, rec));
     }
 
     /// Commit or roll back a decided transaction in the local database.

@@ -22,16 +22,21 @@ pub enum Mutant {
     /// for the members' `Committed` (or the read lease) when the client asked
     /// for visibility everywhere.
     ReplyBeforePeerCommits,
+    /// The coordinator counts its own precommit acceptance toward the
+    /// majority without making it durable (its peers' Accept already goes
+    /// out before that persist; the count must not).
+    CountOwnAckUndurable,
 }
 
 impl Mutant {
-    pub const ALL: [Mutant; 6] = [
+    pub const ALL: [Mutant; 7] = [
         Mutant::CommitOnMajorityPrepares,
         Mutant::AckBeforePersist,
         Mutant::ResolverIgnoresBallots,
         Mutant::MinorityAcceptsWrites,
         Mutant::CatchupSkipsTransactions,
         Mutant::ReplyBeforePeerCommits,
+        Mutant::CountOwnAckUndurable,
     ];
 
     pub fn name(self) -> &'static str {
@@ -42,6 +47,7 @@ impl Mutant {
             Mutant::MinorityAcceptsWrites => "minority_accepts_writes",
             Mutant::CatchupSkipsTransactions => "catchup_skips_transactions",
             Mutant::ReplyBeforePeerCommits => "reply_before_peer_commits",
+            Mutant::CountOwnAckUndurable => "count_own_ack_undurable",
         }
     }
 }

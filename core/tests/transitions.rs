@@ -290,7 +290,10 @@ fn a_no_vote_aborts_everywhere() {
 fn coordinator_crash_after_its_precommit_alone_is_resolved_to_abort() {
     let mut c = warm(3);
     c.crash_after_precommit = Some(1);
-    // The coordinator persists its precommit and dies before sending it.
+    // The coordinator's precommit is lost on the wire (it leaves before the
+    // coordinator's own acceptance is persisted), then it persists that
+    // acceptance and dies.
+    c.drop = Some(|e| e.from == 1 && matches!(e.msg, Message::Accept { .. }));
     c.input(
         1,
         Input::CommitRequest {

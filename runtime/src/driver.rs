@@ -294,51 +294,67 @@ impl<S: Storage> Driver<S> {
         }
     }
 
-    /// Carry out the node's outputs: first make every state change durable
-    /// (one batch), then the rest in order. Persisting before any of them
-    /// keeps the rule that nothing leaves before the state it asserts is on
-    /// disk; persisting some state earlier than the core emitted it is
-    /// harmless, as the core already acts on it.
+    /// Carry out the node's outputs in the core's order, persisting in one
+    /// batch: what comes before the round's first `Persist` is released at
+    /// once (the core orders an output after every state it asserts, so
+    /// these assert nothing new, e.g. a precommit's Accept to the peers
+    /// while the coordinator's own acceptance is written); every state
+    /// change of the round is then made durable with one write and fsync;
+    /// then the rest, in order. Persisting a later op early is harmless: the
+    /// core already acts on it.
     async fn flush(&mut self) -> Result<(), DriverError> {
         let mut outs = Vec::new();
         while let Some(out) = self.node.poll_output() {
             outs.push(out);
         }
-        let persist: Vec<DurableOp> = outs
+        let first_persist = outs
+            .iter()
+            .position(|o| matches!(o, Output::Persist(_)))
+            .unwrap_or(outs.len());
+        let persist: Vec<DurableOp> = outs[first_persist..]
             .iter()
             .filter_map(|o| match o {
                 Output::Persist(op) => Some(op.clone()),
                 _ => None,
             })
             .collect();
+        let mut outs = outs.into_iter();
+        for out in outs.by_ref().take(first_persist) {
+            self.release(out);
+        }
         if !persist.is_empty() {
             tracing::trace!(node = self.node.id(), ops = persist.len(), "persist batch");
             self.storage.persist_batch(&persist).await?;
         }
         for out in outs {
-            tracing::trace!(node = self.node.id(), output = ?out);
-            match out {
-                Output::Persist(_) => {}
-                Output::Send { to, msg } => {
-                    if !self.silenced {
-                        self.mesh.send(to, msg)
-                    }
+            self.release(out);
+        }
+        Ok(())
+    }
+
+    /// Carry out one output whose state, if any, is durable.
+    fn release(&mut self, out: Output) {
+        tracing::trace!(node = self.node.id(), output = ?out);
+        match out {
+            Output::Persist(_) => {}
+            Output::Send { to, msg } => {
+                if !self.silenced {
+                    self.mesh.send(to, msg)
                 }
-                Output::Db(cmd) => self.storage.execute(cmd, &self.results_tx),
-                Output::Reply { client, outcome } => {
-                    if let Some(reply) = self.pending.remove(&client) {
-                        let _ = reply.send(outcome); // the client may have gone
-                    }
+            }
+            Output::Db(cmd) => self.storage.execute(cmd, &self.results_tx),
+            Output::Reply { client, outcome } => {
+                if let Some(reply) = self.pending.remove(&client) {
+                    let _ = reply.send(outcome); // the client may have gone
                 }
-                Output::Event(e) => {
-                    log_event(self.node.id(), &e);
-                    if let Some(hook) = self.on_event.as_mut() {
-                        hook(self.node.id(), &e);
-                    }
+            }
+            Output::Event(e) => {
+                log_event(self.node.id(), &e);
+                if let Some(hook) = self.on_event.as_mut() {
+                    hook(self.node.id(), &e);
                 }
             }
         }
-        Ok(())
     }
 
     fn snapshot(&self) -> StatusSnapshot {

@@ -86,8 +86,17 @@ impl FaultKind {
 }
 
 /// Message kinds a mid-batch crash is biased towards: the ones a buggy
-/// core might send before persisting what they assert.
-pub const CRASH_AFTER_KINDS: [&str; 4] = ["Accepted", "TxVote", "ResolveState", "GenVote"];
+/// core might send before persisting what they assert, and the two a
+/// correct core sends ahead of its own persist (the precommit's `Accept`
+/// before the coordinator's acceptance, a `Decision` before its record).
+pub const CRASH_AFTER_KINDS: [&str; 6] = [
+    "Accepted",
+    "TxVote",
+    "ResolveState",
+    "GenVote",
+    "Accept",
+    "Decision",
+];
 
 /// One scheduled change to the world.
 #[derive(Clone, Debug, PartialEq, Eq)]

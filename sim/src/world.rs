@@ -770,22 +770,11 @@ impl World {
                 self.feed(id, Input::Db(DbResult::RemotePrepared { gid, ok }));
             }
             DbCmd::CommitPrepared { gid } => {
-                if let Some(w) = self.slot_mut(id).db.commit_prepared(gid) {
-                    self.committed_here(id, gid, &w);
-                }
+                self.db_commit_prepared(id, gid);
                 self.feed(id, Input::Db(DbResult::Finished { gid, commit: true }));
             }
             DbCmd::RollbackPrepared { gid } => {
-                if self.slot_mut(id).db.rollback_prepared(gid) {
-                    if let Some(v) = self.atomicity.record(id, gid, false) {
-                        self.violation(v);
-                    }
-                } else if self.slot(id).db.is_committed(gid) {
-                    self.violation(Violation::new(
-                        "atomicity",
-                        format!("n{id} was told to roll back {gid}, which it has committed"),
-                    ));
-                }
+                self.db_rollback_prepared(id, gid);
                 self.feed(id, Input::Db(DbResult::Finished { gid, commit: false }));
             }
             DbCmd::StreamCatchup {
@@ -810,6 +799,25 @@ impl World {
                 self.push_data(id, to, DataItem::Catchup { upto_gen, txs });
             }
             DbCmd::RollbackLocal { .. } | DbCmd::Discard { .. } => unreachable!("executed at once"),
+        }
+    }
+
+    fn db_commit_prepared(&mut self, id: NodeId, gid: Gid) {
+        if let Some(w) = self.slot_mut(id).db.commit_prepared(gid) {
+            self.committed_here(id, gid, &w);
+        }
+    }
+
+    fn db_rollback_prepared(&mut self, id: NodeId, gid: Gid) {
+        if self.slot_mut(id).db.rollback_prepared(gid) {
+            if let Some(v) = self.atomicity.record(id, gid, false) {
+                self.violation(v);
+            }
+        } else if self.slot(id).db.is_committed(gid) {
+            self.violation(Violation::new(
+                "atomicity",
+                format!("n{id} was told to roll back {gid}, which it has committed"),
+            ));
         }
     }
 
@@ -1139,6 +1147,7 @@ impl World {
                 None => Path::ParticipantCrashPrepared,
             });
         }
+        self.finish_inflight_at_crash(id);
         let now = self.now;
         let s = self.slot_mut(id);
         s.inc += 1;
@@ -1164,6 +1173,44 @@ impl World {
                     self.stats.connection_lost += 1;
                     self.push(now + retry, Ev::Client { idx });
                 }
+            }
+        }
+    }
+
+    /// A `COMMIT PREPARED` or `ROLLBACK PREPARED` that mmd sent before it
+    /// died may still run in PostgreSQL: each one in flight takes effect
+    /// or not by a seeded coin. (mmd issues COMMIT PREPARED before the
+    /// decision is durable, so a node can come back committed with no
+    /// decision recorded; only the acceptances it persisted speak for it.)
+    fn finish_inflight_at_crash(&mut self, id: NodeId) {
+        let inc = self.slot(id).inc;
+        let mut inflight: Vec<(VTime, u64, DbCmd)> = self
+            .queue
+            .iter()
+            .filter_map(|e| match &e.ev {
+                Ev::DbDone { node, inc: i, cmd }
+                    if *node == id
+                        && *i == inc
+                        && matches!(
+                            cmd,
+                            DbCmd::CommitPrepared { .. } | DbCmd::RollbackPrepared { .. }
+                        ) =>
+                {
+                    Some((e.at, e.seq, cmd.clone()))
+                }
+                _ => None,
+            })
+            .collect();
+        inflight.sort_by_key(|(at, seq, _)| (*at, *seq));
+        for (_, _, cmd) in inflight {
+            if !self.db_rng.gen_bool(0.5) {
+                continue;
+            }
+            tr!(self, id, "db {:?} completes as mmd dies", cmd);
+            match cmd {
+                DbCmd::CommitPrepared { gid } => self.db_commit_prepared(id, gid),
+                DbCmd::RollbackPrepared { gid } => self.db_rollback_prepared(id, gid),
+                _ => {}
             }
         }
     }
