@@ -142,29 +142,16 @@ impl Node {
         // ack, counted at once, is released with everything after it only
         // once durable (outputs are ordered: docs/protocol.md, "Output order").
         let others = members.minus(NodeSet::single(self.cfg.id));
-        if self.is_mutant(crate::Mutant::CountOwnAckUndurable) {
-            self.send_all(others, accept.clone());
-            self.count_own_ack_undurable(gid);
-            return;
-        }
         self.send_all(others, accept.clone());
-        self.send(self.cfg.id, accept);
-    }
-
-    /// Mutant `CountOwnAckUndurable`: the coordinator counts its own
-    /// acceptance without ever making it durable.
-    fn count_own_ack_undurable(&mut self, gid: Gid) {
-        let quorum = self.coord.get(&gid).map(|c| self.quorum(c.members));
-        let mut rec = self.record(gid);
-        rec.promised = Some(Ballot::COORDINATOR);
-        rec.accepted = Some((Ballot::COORDINATOR, true));
-        self.durable.apply(&DurableOp::Tx(gid, rec));
-        let Some(c) = self.coord.get_mut(&gid) else {
-            return;
-        };
-        c.acks.insert(self.cfg.id);
-        if c.acks.len() >= quorum.unwrap_or(usize::MAX) {
-            self.decide(gid, true);
+        if self.is_mutant(crate::Mutant::CountOwnAckUndurable) {
+            // Accepts in memory only, and counts that.
+            let mut rec = self.record(gid);
+            rec.promised = Some(Ballot::COORDINATOR);
+            rec.accepted = Some((Ballot::COORDINATOR, true));
+            self.durable.apply(&DurableOp::Tx(gid, rec));
+            self.on_accepted(self.cfg.id, gid, Ballot::COORDINATOR, true);
+        } else {
+            self.send(self.cfg.id, accept);
         }
     }
 
