@@ -54,10 +54,10 @@ pub async fn online_since(c: &tokio_postgres::Client, since: &str) -> bool {
     .is_ok_and(|r| r.is_some())
 }
 
-/// A loopback port nobody listens on right now.
+/// A loopback port nobody listens on right now (see
+/// [`crate::backend::local::free_ports`]).
 pub fn free_port() -> Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
-    Ok(l.local_addr()?.port())
+    Ok(crate::backend::local::free_ports(1)?[0])
 }
 
 pub struct MmNode {

@@ -676,16 +676,37 @@ fn check_socket_path(node: &LocalNode) -> Result<()> {
     Ok(())
 }
 
-/// `n` distinct ports the OS reports free on 127.0.0.1 right now.
-/// `n` distinct free ports on 127.0.0.1: all are held at once while they
-/// are picked, so two of them cannot be the same.
+/// `n` distinct ports free on 127.0.0.1 right now, for servers to listen
+/// on. Picked below the kernel's ephemeral range (32768 and up by default)
+/// and not with `bind(:0)`: a port from that range can be taken, before our
+/// server binds it, as the source port of any outgoing connection (a CI run
+/// lost a test to exactly that: "Address already in use"). A process-wide
+/// cursor, started at a pid-derived offset, keeps parallel tests of one
+/// process off each other's picks; each pick is checked by binding it.
 pub fn free_ports(n: usize) -> Result<Vec<u16>> {
-    let listeners = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0"))
-        .collect::<std::io::Result<Vec<_>>>()
-        .context("finding free ports")?;
-    listeners
-        .iter()
-        .map(|l| Ok(l.local_addr()?.port()))
-        .collect()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 32_768 - LOW;
+    static CURSOR: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = CURSOR.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7_919) % SPAN,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..SPAN {
+        if held.len() == n {
+            break;
+        }
+        let port = (LOW + CURSOR.fetch_add(1, Ordering::Relaxed) % SPAN) as u16;
+        if let Ok(l) = TcpListener::bind(("127.0.0.1", port)) {
+            held.push(l);
+        }
+    }
+    if held.len() < n {
+        bail!("finding free ports: fewer than {n} free in {LOW}..32768");
+    }
+    // Held until here so that the picks are distinct.
+    held.iter().map(|l| Ok(l.local_addr()?.port())).collect()
 }
