@@ -71,6 +71,11 @@ max_slot_wal_keep_size = -1
 fsync = $MM_PG_FSYNC
 jit = off
 CONF
+    # PostgreSQL 15.20+ loads only the output plugins this names (mm_output:
+    # pgoutput without unneeded echoes); earlier 15.x lack the setting.
+    if "$PGBIN/postgres" --describe-config 2>/dev/null | grep -q '^output_plugin_libraries'; then
+        echo "output_plugin_libraries = 'pgoutput, test_decoding, mm_output'" >>"$PGDATA/mm.conf"
+    fi
     echo "include 'mm.conf'" >>"$PGDATA/postgresql.conf"
     # Trust on every address: test clusters on a private network only.
     cat >>"$PGDATA/pg_hba.conf" <<HBA

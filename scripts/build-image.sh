@@ -2,7 +2,8 @@
 # Builds the local Docker image mm-node:dev without any container registry:
 # a Debian bookworm root filesystem from Debian's package mirror (debootstrap,
 # minbase + postgresql-15, iptables, iproute2, procps, ca-certificates), the
-# release mmd and mmctl of this workspace, and docker/entrypoint.sh, imported
+# release mmd and mmctl of this workspace, the mm_output plugin
+# (scripts/build-plugin.sh) and docker/entrypoint.sh, imported
 # with `docker import`. docker/Dockerfile builds the same image FROM
 # debian:bookworm for those who have a registry.
 #
@@ -66,6 +67,11 @@ say "cargo build --release -p mm-runtime --bins"
 (cd "$ROOT" && cargo build --release -p mm-runtime --bins ${CARGO_BUILD_JOBS:+-j "$CARGO_BUILD_JOBS"})
 BIN=$TARGET_DIR/release
 for b in mmd mmctl; do [ -x "$BIN/$b" ] || die "$BIN/$b missing after the build"; done
+# The echo-filtering output plugin, built against this host's PostgreSQL 15
+# headers (the image's server is the same Debian major version).
+say "scripts/build-plugin.sh --no-install"
+"$ROOT/scripts/build-plugin.sh" --no-install
+PLUGIN=$TARGET_DIR/mm_output/mm_output.so
 
 # 2. The base root filesystem, cached.
 mkdir -p "$WORK"
@@ -116,7 +122,7 @@ fi
 
 # 3. Import, unless the image is already exactly this.
 hash=$( {
-    sha256sum "$BASE" "$BIN/mmd" "$BIN/mmctl" "$ROOT/docker/entrypoint.sh" | cut -d' ' -f1
+    sha256sum "$BASE" "$BIN/mmd" "$BIN/mmctl" "$PLUGIN" "$ROOT/docker/entrypoint.sh" | cut -d' ' -f1
     printf '%s\n' "${IMAGE_ENV[@]}" "${IMAGE_EXPOSE[@]}" "$IMAGE_VOLUME"
 } | sha256sum | cut -c1-32)
 have=$(docker image inspect "$TAG" --format '{{ index .Config.Labels "mm.build-hash" }}' 2>/dev/null || true)
@@ -135,6 +141,7 @@ strip=(-s)
 command -v strip >/dev/null 2>&1 || strip=()
 as_root install -m 0755 "${strip[@]}" "$BIN/mmd" "$BIN/mmctl" "$ROOTFS/usr/local/bin/"
 as_root install -m 0755 "$ROOT/docker/entrypoint.sh" "$ROOTFS/usr/local/bin/mm-entrypoint"
+as_root install -m 0755 "$PLUGIN" "$ROOTFS/usr/lib/postgresql/15/lib/mm_output.so"
 
 changes=(--change 'ENTRYPOINT ["/usr/local/bin/mm-entrypoint"]'
     --change "LABEL mm.build-hash=$hash")

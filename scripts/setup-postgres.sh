@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the harness needs from Debian: the PostgreSQL 15 server binaries
-# (/usr/lib/postgresql/15/bin/{postgres,initdb,pg_ctl}), the pgbench client and
-# pgbouncer (the read baseline of `mm-harness bench`).
+# (/usr/lib/postgresql/15/bin/{postgres,initdb,pg_ctl}), the pgbench client,
+# pgbouncer (the read baseline of `mm-harness bench`), and builds the mm_output
+# plugin (scripts/build-plugin.sh).
 # Idempotent: does nothing when they are already there.
 #
 # The harness never uses the cluster the Debian package creates (15/main on
@@ -99,6 +100,15 @@ fi
 if [ "$(id -u)" = 0 ] && ! id -u postgres >/dev/null 2>&1; then
     echo "setup-postgres: no 'postgres' OS user (the package normally creates it); creating one"
     useradd --system --home-dir /var/lib/postgresql --shell /bin/bash postgres
+fi
+
+# mm_output, the output plugin mmd's slots use to leave out echoes a node
+# already has (mmd falls back to pgoutput without it). Built after the server
+# packages so its headers match the installed server.
+if [ "$(id -u)" = 0 ]; then
+    "$(dirname "$0")/build-plugin.sh"
+else
+    echo "setup-postgres: run scripts/build-plugin.sh as root to install the mm_output plugin" >&2
 fi
 
 echo "setup-postgres: ok: $("$PG_BIN/postgres" --version), pgbench: $("$PG_BIN/pgbench" --version 2>/dev/null || pgbench --version)"

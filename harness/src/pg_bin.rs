@@ -77,6 +77,36 @@ impl PgBin {
         self.bindir.join(name)
     }
 
+    /// Whether this server has `name` among its settings (`postgres
+    /// --describe-config`): a setting it does not know in postgresql.conf
+    /// stops it from starting.
+    pub fn has_setting(&self, name: &str) -> bool {
+        Command::new(self.tool("postgres"))
+            .arg("--describe-config")
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .any(|l| l.split('\t').next() == Some(name))
+            })
+            .unwrap_or(false)
+    }
+
+    /// The settings that let mmd create its slots with the mm_output plugin
+    /// (scripts/build-plugin.sh): PostgreSQL 15.20 and later only allow the
+    /// output plugins `output_plugin_libraries` names; earlier 15.x have no
+    /// such setting and allow any.
+    pub fn plugin_settings(&self) -> Vec<(String, String)> {
+        if self.has_setting("output_plugin_libraries") {
+            vec![(
+                "output_plugin_libraries".into(),
+                "'pgoutput, test_decoding, mm_output'".into(),
+            )]
+        } else {
+            Vec::new()
+        }
+    }
+
     /// `pgbench`: the one next to the server, else whatever is on PATH.
     pub fn pgbench(&self) -> PathBuf {
         let p = self.tool("pgbench");

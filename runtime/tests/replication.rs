@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use mm_harness::backend::local::{LocalCluster, LocalClusterConfig};
 use mm_harness::pg_bin::pg_or_skip;
+use mm_runtime::pg::replication::conn::{EchoSkip, FILTERING_PLUGIN};
 use mm_runtime::pg::replication::pgoutput::{OldTuple, PgOutputMessage as M, TupleValue};
 use mm_runtime::pg::replication::{Lsn, ReplError, ReplicationClient, ReplicationStream};
 
@@ -123,7 +124,11 @@ async fn prepared_transactions_stream_at_prepare_time() {
     assert_eq!(rows, vec![vec![Some("1".to_string()), None]]);
     let slot = rc.create_slot("mm_slot", true).await.unwrap();
     assert_eq!(slot.slot_name, "mm_slot");
-    assert_eq!(slot.output_plugin, "pgoutput");
+    // mm_output when installed (without options it is pgoutput).
+    assert!(
+        ["pgoutput", FILTERING_PLUGIN].contains(&slot.output_plugin.as_str()),
+        "{slot:?}"
+    );
     assert!(slot.consistent_point >= sys.xlog_pos, "{slot:?} {sys:?}");
     let (two_phase, _, _) = slot_row(&c, "mm_slot").await;
     assert!(two_phase, "slot must be two_phase");
@@ -450,4 +455,127 @@ async fn origin_tags_transactions_of_a_replication_origin() {
     drop(s);
     drop(cluster);
     eprintln!("origin test done in {:?}", t0.elapsed());
+}
+
+/// A prepared transaction of three rows and an `mm.tx` marker under `gid`.
+async fn prepare(db: &tokio_postgres::Client, first: i32, gid: &str) {
+    let sql = format!(
+        "BEGIN; INSERT INTO mm SELECT g, 'r', NULL FROM generate_series({first}, {}) g; \
+         SELECT pg_logical_emit_message(true, 'mm.tx', '{gid}'); PREPARE TRANSACTION '{gid}'",
+        first + 2
+    );
+    db.batch_execute(&sql).await.unwrap()
+}
+
+/// mm_output with its options (plugin/mm_output): a stream from node 1 to
+/// node 9 that may skip echoes up to generation 5 gets node 1's own
+/// transactions and the echoes of later generations, whole and in order
+/// (batched into few CopyData messages), and nothing of the echoes it
+/// already has, nor of node 9's own transactions applied here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mm_output_leaves_out_echoes_a_node_has() {
+    let Some(_) = pg_or_skip("mm_output_leaves_out_echoes_a_node_has") else {
+        return;
+    };
+    let (cluster, c) = setup("repl_mm_output").await;
+    let mut rc = client(&cluster).await;
+    let slot = rc.create_slot("mm_filtered", true).await.unwrap();
+    if slot.output_plugin != FILTERING_PLUGIN {
+        assert!(
+            std::env::var_os("MM_REQUIRE_PG").is_none(),
+            "mm_output is not installed (scripts/build-plugin.sh)"
+        );
+        eprintln!("SKIP: mm_output is not installed (scripts/build-plugin.sh)");
+        return;
+    }
+    let skip = EchoSkip {
+        me: 9,
+        origin: 1,
+        skip_upto: 5,
+    };
+    let mut s = rc
+        .start_filtered("mm_filtered", "mm_pub", Lsn::ZERO, Some(skip))
+        .await
+        .unwrap();
+    // An applier's session: rows of another node, under a replication origin.
+    let applier = cluster.connect(0).await.unwrap();
+    applier
+        .batch_execute(
+            "select pg_replication_origin_create('mm_node_2_0'); \
+             select pg_replication_origin_session_setup('mm_node_2_0')",
+        )
+        .await
+        .unwrap();
+    prepare(&c, 1, "mm-1-0.1-3").await; // node 1's own: sent
+    prepare(&applier, 10, "mm-2-0.1-5").await; // echo node 9 has: left out
+    prepare(&applier, 20, "mm-2-0.1-6").await; // echo of a later generation: sent
+    prepare(&applier, 30, "mm-9-0.1-7").await; // node 9's own, applied here: left out
+    for gid in ["mm-1-0.1-3", "mm-2-0.1-5", "mm-2-0.1-6", "mm-9-0.1-7"] {
+        c.batch_execute(&format!("COMMIT PREPARED '{gid}'"))
+            .await
+            .unwrap();
+    }
+    c.batch_execute("SELECT pg_logical_emit_message(false, 'end', '')")
+        .await
+        .unwrap();
+    let ms = until(&mut s, |m| matches!(m, M::Message(x) if x.prefix == "end")).await;
+    let seen: Vec<String> = ms
+        .iter()
+        .filter_map(|m| match m {
+            M::BeginPrepare(b) => Some(format!("begin {}", b.gid)),
+            M::Prepare(p) => Some(format!("prepare {}", p.gid)),
+            M::CommitPrepared(p) => Some(format!("commit {}", p.gid)),
+            M::Insert(i) => Some(format!("row {}", text(&i.new[0]).unwrap())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            "begin mm-1-0.1-3",
+            "row 1",
+            "row 2",
+            "row 3",
+            "prepare mm-1-0.1-3",
+            "begin mm-2-0.1-6",
+            "row 20",
+            "row 21",
+            "row 22",
+            "prepare mm-2-0.1-6",
+            "commit mm-1-0.1-3",
+            "commit mm-2-0.1-6",
+        ],
+        "{ms:#?}"
+    );
+    assert!(
+        ms.iter().any(|m| matches!(m, M::Origin(_))),
+        "the echo that is sent keeps its Origin message: {ms:#?}"
+    );
+    // Without the options the same slot is pgoutput's stream: everything.
+    drop(s);
+    let mut plain = client(&cluster)
+        .await
+        .start("mm_filtered", "mm_pub", Lsn::ZERO)
+        .await;
+    while let Err(ReplError::Server { message, .. }) = &plain {
+        // The walsender of the dropped stream may still hold the slot.
+        assert!(message.contains("is active"), "{message}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        plain = client(&cluster)
+            .await
+            .start("mm_filtered", "mm_pub", Lsn::ZERO)
+            .await;
+    }
+    let mut plain = plain.unwrap();
+    let ms = until(
+        &mut plain,
+        |m| matches!(m, M::Message(x) if x.prefix == "end"),
+    )
+    .await;
+    let begins = ms
+        .iter()
+        .filter(|m| matches!(m, M::BeginPrepare(_)))
+        .count();
+    assert_eq!(begins, 4, "{ms:#?}");
+    drop(cluster);
 }

@@ -180,6 +180,9 @@ impl LocalCluster {
             signals::install_stop_on_signal();
         }
         let ports = free_ports(cfg.nodes)?;
+        // The plugin's setting first: a caller's extra settings win.
+        let mut extra = bin.plugin_settings();
+        extra.extend(cfg.extra_settings.iter().cloned());
         let mut cluster = LocalCluster {
             bin,
             run_as,
@@ -190,7 +193,7 @@ impl LocalCluster {
                 max_connections: cfg.max_connections,
                 appliers_per_peer: crate::pg_conf::DEFAULT_APPLIERS,
             },
-            extra: cfg.extra_settings.clone(),
+            extra,
             nodes: Vec::new(),
             cuts: if cfg.link_cuts {
                 Some(LinkCuts::new(cfg.nodes)?)

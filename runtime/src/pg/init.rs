@@ -11,6 +11,7 @@
 
 use crate::config::NodeConfig;
 use crate::pg::prereq::{self, Finding};
+use crate::pg::replication::conn::{plugin_unusable, FILTERING_PLUGIN};
 use crate::pg::StateStore;
 use mm_core::NodeId;
 use tokio_postgres::NoTls;
@@ -153,14 +154,31 @@ pub async fn init_node(cfg: &NodeConfig) -> Result<InitReport, InitError> {
             Some(r) if r.get::<_, bool>(0) => report.existing.push(format!("slot {slot}")),
             Some(_) => return Err(InitError::SlotWithoutTwoPhase { slot }),
             None => {
-                client
-                    .query_one(
-                        "select pg_create_logical_replication_slot($1, 'pgoutput', false, true)",
-                        &[&slot],
-                    )
-                    .await
-                    .map_err(sql(&format!("creating slot {slot}")))?;
-                report.created.push(format!("slot {slot}"));
+                let create = "select pg_create_logical_replication_slot($1, $2, false, true)";
+                let plugin = FILTERING_PLUGIN;
+                let plugin = match client.query_one(create, &[&slot, &plugin]).await {
+                    Err(e)
+                        if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_FILE)
+                            || e.as_db_error()
+                                .is_some_and(|d| plugin_unusable(d.message())) =>
+                    {
+                        tracing::warn!(
+                            "{FILTERING_PLUGIN} is not usable on this server (install it with \
+                             scripts/build-plugin.sh and name it in output_plugin_libraries): \
+                             slot {slot} uses pgoutput, and every echo is decoded and sent"
+                        );
+                        client
+                            .query_one(create, &[&slot, &"pgoutput"])
+                            .await
+                            .map_err(sql(&format!("creating slot {slot}")))?;
+                        "pgoutput"
+                    }
+                    r => {
+                        r.map_err(sql(&format!("creating slot {slot}")))?;
+                        plugin
+                    }
+                };
+                report.created.push(format!("slot {slot} ({plugin})"));
             }
         }
         for k in 0..cfg.data_plane.appliers_per_peer {

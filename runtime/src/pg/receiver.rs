@@ -19,9 +19,10 @@ use super::hub::Hub;
 use super::init::{slot_for, PUBLICATION};
 use super::remote_tx::{parse_ddl, Change, RemoteTx, CATCHUP_PREFIX, DDL_PREFIX};
 use super::replay::Replayer;
-use super::replication::conn::{ReplicationClient, ReplicationStream};
+use super::replication::conn::{EchoSkip, ReplicationClient, ReplicationStream, FILTERING_PLUGIN};
 use super::replication::pgoutput::{PgOutputMessage, Relation};
 use super::replication::Lsn;
+use super::sql::quote_literal;
 use mm_core::{Gid, Input, Message, NodeId};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -122,18 +123,23 @@ async fn stream_once(
     hub: &Arc<Hub>,
     results: &UnboundedSender<Input>,
 ) -> Result<(), String> {
-    let client = ReplicationClient::connect(&super::named(
+    let mut client = ReplicationClient::connect(&super::named(
         &s.peer_conninfo,
         &format!("receiver for node {}", s.me),
     ))
     .await
     .map_err(|e| format!("connecting to {}: {e}", redact(&s.peer_conninfo)))?;
+    let skip = echo_skip(&mut client, s, hub).await?;
     let mut stream = client
-        .start(&slot_for(s.me), PUBLICATION, Lsn(0))
+        .start_filtered(&slot_for(s.me), PUBLICATION, Lsn(0), skip)
         .await
         .map_err(|e| format!("starting replication from slot {}: {e}", slot_for(s.me)))?;
     stream.set_status_interval(Duration::from_secs(1));
-    tracing::info!(peer = s.peer, "data-plane stream started");
+    tracing::info!(
+        peer = s.peer,
+        echoes_skipped_upto_gen = ?skip.map(|k| k.skip_upto),
+        "data-plane stream started"
+    );
     hub.set_receiver_up(s.peer, true);
 
     let mut rels: BTreeMap<u32, Arc<Relation>> = BTreeMap::new();
@@ -225,6 +231,22 @@ async fn stream_once(
                         }
                     }
                 });
+                // The echo filter was set from an older last online
+                // generation: start again once nothing here is half-read, so
+                // the peer leaves out the echoes of the newer generations too.
+                if skip.is_some_and(|k| hub.last_online_gen() > k.skip_upto)
+                    && cur.is_none()
+                    && marks.is_empty()
+                    && to_replay.is_empty()
+                    && echoes.is_empty()
+                {
+                    tracing::info!(
+                        peer = s.peer,
+                        last_online_gen = hub.last_online_gen(),
+                        "restarting the data-plane stream to leave out the echoes this node now has"
+                    );
+                    return Ok(());
+                }
                 let safe = match inflight.keys().next() {
                     Some(first) => *first,
                     None if cur.is_none() => stream.received(),
@@ -430,6 +452,34 @@ async fn stream_once(
             }
         }
     }
+}
+
+/// Which echoes the peer may leave out of this stream: with the
+/// [`FILTERING_PLUGIN`] slot, those the stream below would drop on arrival
+/// anyway (another node's transaction of a generation this node was online
+/// in, or this node's own), judged by this node's last online generation
+/// now. That generation only grows, so an echo left out stays one this node
+/// has (docs/protocol.md, "Echo filter"). `None` on a pgoutput slot.
+async fn echo_skip(
+    client: &mut ReplicationClient,
+    s: &ReceiverSettings,
+    hub: &Hub,
+) -> Result<Option<EchoSkip>, String> {
+    let rows = client
+        .simple_query(&format!(
+            "select plugin from pg_replication_slots where slot_name = {}",
+            quote_literal(&slot_for(s.me))
+        ))
+        .await
+        .map_err(|e| format!("reading slot {}: {e}", slot_for(s.me)))?;
+    let plugin = rows.first().and_then(|r| r.first().cloned().flatten());
+    Ok(
+        (plugin.as_deref() == Some(FILTERING_PLUGIN)).then(|| EchoSkip {
+            me: s.me.into(),
+            origin: s.peer.into(),
+            skip_upto: hub.last_online_gen(),
+        }),
+    )
 }
 
 /// Replay `txs` in order; returns how many were applied (not already held).

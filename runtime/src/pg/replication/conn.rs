@@ -21,7 +21,7 @@
 //! Authentication: trust, cleartext password, MD5, SCRAM-SHA-256 (without
 //! channel binding).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -121,6 +121,59 @@ impl Wire {
             }
         }
     }
+}
+
+/// First byte of a [`FILTERING_PLUGIN`] batch payload (`mm_batch`).
+const BATCH_TAG: u8 = b'~';
+
+/// The pgoutput messages of a batch payload: after the tag, frames of a
+/// 4-byte big-endian length and one message.
+fn split_batch(payload: &Bytes) -> Result<Vec<PgOutputMessage>, pgoutput::DecodeError> {
+    let mut out = Vec::new();
+    let mut at = 1;
+    while at < payload.len() {
+        let bad = || pgoutput::DecodeError::Truncated {
+            msg: "mm_output batch",
+            field: "frame",
+        };
+        let len_bytes = payload.get(at..at + 4).ok_or_else(bad)?;
+        let len = u32::from_be_bytes(len_bytes.try_into().expect("4 bytes")) as usize;
+        let end = (at + 4)
+            .checked_add(len)
+            .filter(|&e| e <= payload.len())
+            .ok_or_else(bad)?;
+        out.push(pgoutput::decode(&payload.slice(at + 4..end))?);
+        at = end;
+    }
+    Ok(out)
+}
+
+/// The output plugin mmd creates its slots with when the server has it:
+/// pgoutput that can leave out echoes (`plugin/mm_output`).
+pub const FILTERING_PLUGIN: &str = "mm_output";
+
+/// Which echoes a [`FILTERING_PLUGIN`] stream leaves out: transactions of
+/// another origin than `origin` (the node streamed from) whose origin is
+/// `me` or whose generation is at most `skip_upto`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EchoSkip {
+    pub me: u32,
+    pub origin: u32,
+    pub skip_upto: u64,
+}
+
+/// The server cannot use the output plugin: not installed (SQLSTATE 58P01,
+/// "could not access file"), or not named by `output_plugin_libraries`
+/// (PostgreSQL 15.20 and later).
+pub fn plugin_missing(e: &ReplError) -> bool {
+    matches!(e, ReplError::Server { code, message, .. }
+        if code == "58P01" || plugin_unusable(message))
+}
+
+/// The text of either refusal of [`plugin_missing`].
+pub fn plugin_unusable(message: &str) -> bool {
+    message.contains("could not access file")
+        || message.contains("may not be used as an output plugin")
 }
 
 fn server_error(fields: backend::ErrorFields<'_>) -> ReplError {
@@ -455,6 +508,7 @@ impl ReplicationClient {
         Ok(info)
     }
 
+    /// With [`FILTERING_PLUGIN`] when the server has it, else pgoutput.
     async fn create_slot_with(
         &mut self,
         name: &str,
@@ -462,10 +516,22 @@ impl ReplicationClient {
         snapshot: &str,
     ) -> Result<SlotInfo, ReplError> {
         check_slot_name(name)?;
-        let sql = format!(
-            "CREATE_REPLICATION_SLOT {name} LOGICAL pgoutput (TWO_PHASE {two_phase}, SNAPSHOT '{snapshot}')"
-        );
-        let r = self.one_row(&sql, 4).await?;
+        let sql = |plugin: &str| {
+            format!(
+                "CREATE_REPLICATION_SLOT {name} LOGICAL {plugin} (TWO_PHASE {two_phase}, SNAPSHOT '{snapshot}')"
+            )
+        };
+        let r = match self.one_row(&sql(FILTERING_PLUGIN), 4).await {
+            Err(e) if plugin_missing(&e) => {
+                tracing::warn!(
+                    "{FILTERING_PLUGIN} is not usable on this server (install it with \
+                     scripts/build-plugin.sh and name it in output_plugin_libraries): slot \
+                     {name} uses pgoutput, and every echo is decoded and sent"
+                );
+                self.one_row(&sql("pgoutput"), 4).await?
+            }
+            r => r?,
+        };
         let bad = |what: &str| ReplError::Protocol(format!("CREATE_REPLICATION_SLOT: bad {what}"));
         Ok(SlotInfo {
             slot_name: r[0].clone().ok_or_else(|| bad("slot_name"))?,
@@ -492,16 +558,38 @@ impl ReplicationClient {
     /// `start` 0/0 means the slot's `confirmed_flush_lsn`; everything before
     /// `start` counts as confirmed.
     pub async fn start(
-        mut self,
+        self,
         slot: &str,
         publication: &str,
         start: Lsn,
     ) -> Result<ReplicationStream, ReplError> {
+        self.start_filtered(slot, publication, start, None).await
+    }
+
+    /// As [`Self::start`]; with `skip`, on a slot of [`FILTERING_PLUGIN`],
+    /// the echoes the subscriber does not need are left out, and each
+    /// transaction arrives in few CopyData messages (batches, which
+    /// [`ReplicationStream::next`] splits; see `plugin/mm_output/mm_output.c`).
+    pub async fn start_filtered(
+        mut self,
+        slot: &str,
+        publication: &str,
+        start: Lsn,
+        skip: Option<EchoSkip>,
+    ) -> Result<ReplicationStream, ReplError> {
         check_slot_name(slot)?;
         let ident = format!("\"{}\"", publication.replace('"', "\"\""));
+        let extra = skip
+            .map(|k| {
+                format!(
+                    ", mm_me '{}', mm_origin '{}', mm_skip_upto '{}', mm_batch 'on'",
+                    k.me, k.origin, k.skip_upto
+                )
+            })
+            .unwrap_or_default();
         let sql = format!(
             "START_REPLICATION SLOT {slot} LOGICAL {start} (proto_version '3', publication_names '{}', \
-             two_phase 'true', messages 'true')",
+             two_phase 'true', messages 'true'{extra})",
             ident.replace('\'', "''")
         );
         frontend::query(&sql, &mut self.wire.wbuf).map_err(io_other)?;
@@ -524,6 +612,7 @@ impl ReplicationClient {
         Ok(ReplicationStream {
             wire: self.wire,
             received: start,
+            pending: VecDeque::new(),
             flushed: start,
             last_status: Instant::now(),
             status_interval: Duration::from_secs(10),
@@ -582,8 +671,12 @@ fn pg_now() -> i64 {
 /// was given: the slot keeps everything after it.
 pub struct ReplicationStream {
     wire: Wire,
-    /// Highest WAL end the server reported (XLogData or keepalive).
+    /// Highest WAL end the server reported (XLogData or keepalive), counting
+    /// a batch only once its last message was returned.
     received: Lsn,
+    /// The rest of a batch: each message with its WAL position, the last
+    /// one also with the batch's WAL end.
+    pending: VecDeque<(Lsn, PgOutputMessage, Option<Lsn>)>,
     /// Highest position confirmed durable by the caller.
     flushed: Lsn,
     last_status: Instant,
@@ -599,6 +692,12 @@ impl ReplicationStream {
     /// buffered); a keepalive reply interrupted by cancellation is completed by
     /// the next write.
     pub async fn next(&mut self) -> Result<Option<(Lsn, PgOutputMessage)>, ReplError> {
+        if let Some((lsn, msg, end)) = self.pending.pop_front() {
+            if let Some(end) = end {
+                self.received = self.received.max(end);
+            }
+            return Ok(Some((lsn, msg)));
+        }
         loop {
             if self.done {
                 return Ok(None);
@@ -642,8 +741,23 @@ impl ReplicationStream {
                     let mut h = &body[1..25];
                     let start = Lsn(h.get_u64());
                     let end = Lsn(h.get_u64());
-                    self.received = self.received.max(end).max(start);
                     let payload: Bytes = body.slice(25..);
+                    if payload.first() == Some(&BATCH_TAG) {
+                        let mut msgs = split_batch(&payload)
+                            .map_err(|err| ReplError::Decode { lsn: start, err })?;
+                        let Some(last) = msgs.pop() else {
+                            continue;
+                        };
+                        self.pending
+                            .extend(msgs.into_iter().map(|m| (start, m, None)));
+                        self.pending.push_back((start, last, Some(end.max(start))));
+                        let (lsn, msg, end) = self.pending.pop_front().expect("one pushed");
+                        if let Some(end) = end {
+                            self.received = self.received.max(end);
+                        }
+                        return Ok(Some((lsn, msg)));
+                    }
+                    self.received = self.received.max(end).max(start);
                     let msg = pgoutput::decode(&payload)
                         .map_err(|err| ReplError::Decode { lsn: start, err })?;
                     return Ok(Some((start, msg)));
@@ -727,6 +841,44 @@ impl ReplicationStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_splits_into_its_messages_and_a_cut_frame_is_an_error() {
+        // Two logical messages (tag 'M', non-transactional): flags, lsn, prefix, len, content.
+        let msg = |prefix: &str| {
+            let mut m = BytesMut::new();
+            m.put_u8(b'M');
+            m.put_u8(0);
+            m.put_u64(0x10);
+            m.put_slice(prefix.as_bytes());
+            m.put_u8(0);
+            m.put_u32(0);
+            m.freeze()
+        };
+        let mut b = BytesMut::new();
+        b.put_u8(BATCH_TAG);
+        for p in ["a", "bc"] {
+            let m = msg(p);
+            b.put_u32(m.len() as u32);
+            b.put_slice(&m);
+        }
+        let b = b.freeze();
+        let got = split_batch(&b).unwrap();
+        let prefixes: Vec<String> = got
+            .iter()
+            .map(|m| match m {
+                PgOutputMessage::Message(m) => m.prefix.clone(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(prefixes, ["a", "bc"]);
+        assert!(
+            split_batch(&b.slice(..b.len() - 1)).is_err(),
+            "cut in a message"
+        );
+        assert!(split_batch(&b.slice(..3)).is_err(), "cut in a length");
+        assert!(split_batch(&b.slice(..1)).unwrap().is_empty());
+    }
     use tokio::io::DuplexStream;
 
     fn backend_msg(out: &mut BytesMut, tag: u8, body: &[u8]) {
