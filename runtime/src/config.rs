@@ -200,6 +200,12 @@ pub struct DataPlaneConfig {
     pub lock_timeout_ms: u64,
     /// Sessions running `COMMIT PREPARED` / `ROLLBACK PREPARED`.
     pub finishers: usize,
+    /// `logical_decoding_work_mem` of the peers' walsenders streaming to this
+    /// node, set by its receivers (MB): a transaction larger than this is
+    /// spilled to disk and read back while decoded. PostgreSQL's 64 MB spills
+    /// a 1M-row COPY; 256 MB does not (docs/performance.md). The memory is
+    /// only taken while a transaction that large is decoded, per peer.
+    pub decoding_work_mem_mb: u64,
 }
 
 /// Also what `mmctl init`'s `max_replication_slots` check assumes by default.
@@ -211,6 +217,7 @@ impl Default for DataPlaneConfig {
             appliers_per_peer: DEFAULT_APPLIERS_PER_PEER,
             lock_timeout_ms: 500,
             finishers: 4,
+            decoding_work_mem_mb: 256,
         }
     }
 }
@@ -305,6 +312,7 @@ struct RawDataPlane {
     appliers_per_peer: Option<usize>,
     lock_timeout_ms: Option<u64>,
     finishers: Option<usize>,
+    decoding_work_mem_mb: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -514,6 +522,10 @@ impl NodeConfig {
                 .unwrap_or(dd.appliers_per_peer),
             lock_timeout_ms: raw.data_plane.lock_timeout_ms.unwrap_or(dd.lock_timeout_ms),
             finishers: raw.data_plane.finishers.unwrap_or(dd.finishers),
+            decoding_work_mem_mb: raw
+                .data_plane
+                .decoding_work_mem_mb
+                .unwrap_or(dd.decoding_work_mem_mb),
         };
         for (key, v) in [
             (
@@ -522,6 +534,10 @@ impl NodeConfig {
             ),
             ("data_plane.lock_timeout_ms", data_plane.lock_timeout_ms),
             ("data_plane.finishers", data_plane.finishers as u64),
+            (
+                "data_plane.decoding_work_mem_mb",
+                data_plane.decoding_work_mem_mb,
+            ),
         ] {
             if v == 0 {
                 return Err(ConfigError::ZeroSetting { key });

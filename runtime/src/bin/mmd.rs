@@ -148,6 +148,7 @@ async fn run(cfg: NodeConfig) -> Result<(), String> {
             peer,
             peer_conninfo: conninfo,
             local_conninfo: cfg.postgres.conninfo.clone(),
+            decoding_work_mem_mb: cfg.data_plane.decoding_work_mem_mb,
         };
         tokio::spawn(run_receiver(s, hub.clone(), tx.clone()));
     }

@@ -11,6 +11,7 @@
 use super::hub::Hub;
 use super::remote_tx::{replay_statements, Change, RemoteTx, Stmt};
 use super::sql::quote_literal;
+use futures::SinkExt;
 use mm_core::{DbResult, Gid, Input, NodeId};
 use std::sync::Arc;
 use std::time::Duration;
@@ -151,10 +152,10 @@ async fn apply(
             let _ = results.send(Input::RemoteProgress { gid: tx.gid });
         }
     };
-    let msgs = run_chunks(c, body, &format!("PREPARE TRANSACTION {gid}"), progress)
+    let counts = run_chunks(c, body, &format!("PREPARE TRANSACTION {gid}"), progress)
         .await
         .map_err(|e| pg_message(&e))?;
-    if let Err(e) = check_row_counts(&msgs, &stmts) {
+    if let Err(e) = check_row_counts(&counts, &stmts) {
         let _ = c.simple_query(&format!("ROLLBACK PREPARED {gid}")).await;
         return Err(e);
     }
@@ -211,79 +212,117 @@ pub fn priority_epoch() -> u64 {
 /// aborted so in `mm-harness bench --phases bulk`).
 pub const DDL_LOCK_TIMEOUT_MS: u64 = 3000;
 
+/// One round of a replay: simple queries, or one `COPY FROM STDIN` with its data.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    Sql(String),
+    Copy { sql: String, data: Vec<u8> },
+}
+
 /// `BEGIN`, the transaction's statements and the `mm.applied_tx` record,
-/// ready for `PREPARE TRANSACTION`, cut into simple queries of about
-/// [`CHUNK_BYTES`] each (one string of a million rows would be parsed whole,
-/// every statement's tree held at once); and the statements, for
-/// [`check_row_counts`].
+/// ready for `PREPARE TRANSACTION`: statements cut into simple queries of
+/// about [`CHUNK_BYTES`] each (one string of a million rows would be parsed
+/// whole, every statement's tree held at once), a `COPY` a step of its own;
+/// and the statements, for [`check_row_counts`].
 pub fn replay_body(
     tx: &RemoteTx,
     lock_timeout_ms: u64,
     node_id: NodeId,
-) -> Result<(Vec<String>, Vec<Stmt>), String> {
+) -> Result<(Vec<Step>, Vec<Stmt>), String> {
     let ddl = tx.changes.iter().any(|ch| matches!(ch, Change::Ddl { .. }));
     let lock_timeout_ms = if ddl {
         lock_timeout_ms.max(DDL_LOCK_TIMEOUT_MS)
     } else {
         lock_timeout_ms
     };
-    let stmts = replay_statements(&tx.changes).map_err(|e| e.to_string())?;
-    let mut chunks = Vec::new();
+    let mut stmts = replay_statements(&tx.changes).map_err(|e| e.to_string())?;
+    let mut steps = Vec::new();
     let mut sql = format!("BEGIN; SET LOCAL lock_timeout = '{lock_timeout_ms}ms'");
-    for st in &stmts {
+    for st in &mut stmts {
+        if let Some(data) = st.copy_data.take() {
+            if !sql.is_empty() {
+                steps.push(Step::Sql(std::mem::take(&mut sql)));
+            }
+            steps.push(Step::Copy {
+                sql: st.sql.clone(),
+                data,
+            });
+            continue;
+        }
         if sql.len() >= CHUNK_BYTES {
-            chunks.push(std::mem::take(&mut sql));
-        } else {
+            steps.push(Step::Sql(std::mem::take(&mut sql)));
+        } else if !sql.is_empty() {
             sql.push_str(";\n");
         }
         sql.push_str(&st.sql);
     }
     if ddl {
+        if !sql.is_empty() {
+            sql.push_str(";\n");
+        }
         sql.push_str(&format!(
-            ";\nSELECT mm.adjust_sequences({}, {node_id})",
+            "SELECT mm.adjust_sequences({}, {node_id})",
             crate::config::SEQUENCE_STRIDE
         ));
     }
-    sql.push_str(";\n");
+    if !sql.is_empty() {
+        sql.push_str(";\n");
+    }
     sql.push_str(&record_applied(tx.gid));
-    chunks.push(sql);
-    Ok((chunks, stmts))
+    steps.push(Step::Sql(sql));
+    Ok((steps, stmts))
 }
 
 /// Size of one simple query of a replay.
 pub const CHUNK_BYTES: usize = 1 << 20;
 
-/// Runs the chunks of [`replay_body`], `last` appended to the final one
-/// (the `PREPARE`), and returns every message, in order; `progress` is
-/// called after each chunk.
+/// Data per CopyData message of a replay's `COPY`.
+const COPY_SEND_BYTES: usize = 256 * 1024;
+
+/// Runs the steps of [`replay_body`], `last` appended to the final one
+/// (the `PREPARE`), and returns the row count of every statement, in
+/// order; `progress` is called after each step.
 pub async fn run_chunks(
     c: &Client,
-    mut chunks: Vec<String>,
+    mut steps: Vec<Step>,
     last: &str,
     mut progress: impl FnMut(),
-) -> Result<Vec<SimpleQueryMessage>, tokio_postgres::Error> {
-    if let Some(end) = chunks.last_mut() {
+) -> Result<Vec<u64>, tokio_postgres::Error> {
+    if let Some(Step::Sql(end)) = steps.last_mut() {
         end.push_str(";\n");
         end.push_str(last);
     }
-    let mut msgs = Vec::new();
-    for chunk in &chunks {
-        msgs.extend(c.simple_query(chunk).await?);
+    let mut counts = Vec::new();
+    for step in steps {
+        match step {
+            Step::Sql(sql) => {
+                for m in c.simple_query(&sql).await? {
+                    if let SimpleQueryMessage::CommandComplete(n) = m {
+                        counts.push(n);
+                    }
+                }
+            }
+            Step::Copy { sql, data } => {
+                let sink = c.copy_in::<_, bytes::Bytes>(sql.as_str()).await?;
+                let mut sink = std::pin::pin!(sink);
+                let data = bytes::Bytes::from(data);
+                let mut at = 0;
+                while at < data.len() {
+                    let end = (at + COPY_SEND_BYTES).min(data.len());
+                    sink.send(data.slice(at..end)).await?;
+                    at = end;
+                }
+                counts.push(sink.as_mut().finish().await?);
+            }
+        }
         progress();
     }
-    Ok(msgs)
+    Ok(counts)
 }
 
 /// Every row change must have touched exactly the rows it did on the
 /// origin; otherwise this node lacks a row.
-pub fn check_row_counts(msgs: &[SimpleQueryMessage], stmts: &[Stmt]) -> Result<(), String> {
-    let counts: Vec<u64> = msgs
-        .iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::CommandComplete(n) => Some(*n),
-            _ => None,
-        })
-        .collect();
+pub fn check_row_counts(counts: &[u64], stmts: &[Stmt]) -> Result<(), String> {
     // counts: BEGIN, SET, then one per statement.
     for (i, st) in stmts.iter().enumerate() {
         let got = counts.get(i + 2).copied();

@@ -35,6 +35,8 @@ pub struct ReceiverSettings {
     pub peer_conninfo: String,
     /// This node's own PostgreSQL, for replays.
     pub local_conninfo: String,
+    /// `logical_decoding_work_mem` (MB) of the peer's walsender for this stream.
+    pub decoding_work_mem_mb: u64,
 }
 
 /// Stream from `peer` forever, reconnecting with backoff.
@@ -129,6 +131,13 @@ async fn stream_once(
     ))
     .await
     .map_err(|e| format!("connecting to {}: {e}", redact(&s.peer_conninfo)))?;
+    client
+        .simple_query(&format!(
+            "SET logical_decoding_work_mem = '{}MB'",
+            s.decoding_work_mem_mb
+        ))
+        .await
+        .map_err(|e| format!("setting logical_decoding_work_mem: {e}"))?;
     let skip = echo_skip(&mut client, s, hub).await?;
     let mut stream = client
         .start_filtered(&slot_for(s.me), PUBLICATION, Lsn(0), skip)

@@ -61,6 +61,18 @@ pub struct RemoteTx {
 pub struct Stmt {
     pub sql: String,
     pub expect_rows: Option<u64>,
+    /// For `COPY ... FROM STDIN`: its rows in COPY's text format.
+    pub copy_data: Option<Vec<u8>>,
+}
+
+impl Stmt {
+    fn sql(sql: String, expect_rows: Option<u64>) -> Stmt {
+        Stmt {
+            sql,
+            expect_rows,
+            copy_data: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -149,59 +161,169 @@ fn row_filter(rel: &Relation, old: Option<&OldTuple>, new: &Tuple) -> Result<Str
     })
 }
 
-/// `INSERT INTO t (cols)` and `(values)` of one inserted row: rows with the
-/// same first part can share one statement.
-fn insert_parts(rel: &Relation, new: &Tuple) -> Result<(String, String), ReplayError> {
+/// The columns an inserted row lists (all but unchanged TOAST values):
+/// rows listing the same columns of the same table can share a statement.
+fn insert_columns(rel: &Relation, new: &Tuple) -> Result<Vec<usize>, ReplayError> {
     check_arity(rel, new)?;
-    let mut cols = Vec::new();
-    let mut vals = Vec::new();
-    for (i, (c, v)) in rel.columns.iter().zip(new).enumerate() {
-        if let Some(l) = literal(rel, i, v)? {
-            cols.push(quote_ident(&c.name));
-            vals.push(l);
+    Ok(new
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| !matches!(v, TupleValue::UnchangedToast))
+        .map(|(i, _)| i)
+        .collect())
+}
+
+fn column_list(rel: &Relation, cols: &[usize]) -> String {
+    cols.iter()
+        .map(|&i| quote_ident(&rel.columns[i].name))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `INSERT INTO t (cols) VALUES (...), ...` of `rows`.
+fn insert_sql(rel: &Relation, cols: &[usize], rows: &[&Tuple]) -> Result<String, ReplayError> {
+    let mut sql = format!(
+        "INSERT INTO {} ({}) VALUES ",
+        table(rel),
+        column_list(rel, cols)
+    );
+    for (n, row) in rows.iter().enumerate() {
+        if n > 0 {
+            sql.push_str(", ");
         }
+        sql.push('(');
+        for (k, &i) in cols.iter().enumerate() {
+            if k > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&literal(rel, i, &row[i])?.unwrap_or_default());
+        }
+        sql.push(')');
     }
-    Ok((
-        format!("INSERT INTO {} ({})", table(rel), cols.join(", ")),
-        format!("({})", vals.join(", ")),
-    ))
+    Ok(sql)
+}
+
+/// `rows` in COPY's text format: tab-separated, `\N` for NULL, backslash,
+/// tab, newline and carriage return escaped.
+fn copy_text(rel: &Relation, cols: &[usize], rows: &[&Tuple]) -> Result<Vec<u8>, ReplayError> {
+    let mut out = Vec::with_capacity(rows.len() * 32);
+    for row in rows {
+        for (k, &i) in cols.iter().enumerate() {
+            if k > 0 {
+                out.push(b'\t');
+            }
+            match &row[i] {
+                TupleValue::Null => out.extend_from_slice(b"\\N"),
+                v @ TupleValue::Text(_) => {
+                    let text = v.as_text().ok_or_else(|| ReplayError::Binary {
+                        table: table(rel),
+                        column: rel.columns[i].name.clone(),
+                    })?;
+                    for b in text.bytes() {
+                        match b {
+                            b'\\' => out.extend_from_slice(b"\\\\"),
+                            b'\t' => out.extend_from_slice(b"\\t"),
+                            b'\n' => out.extend_from_slice(b"\\n"),
+                            b'\r' => out.extend_from_slice(b"\\r"),
+                            b => out.push(b),
+                        }
+                    }
+                }
+                TupleValue::Binary(_) | TupleValue::UnchangedToast => {
+                    return Err(ReplayError::Binary {
+                        table: table(rel),
+                        column: rel.columns[i].name.clone(),
+                    })
+                }
+            }
+        }
+        out.push(b'\n');
+    }
+    Ok(out)
 }
 
 /// Rows per multi-row `INSERT` in a replay: one statement to parse, plan and
 /// execute instead of a thousand (multimaster batches up to 1024 too).
 pub const INSERT_BATCH_ROWS: usize = 1000;
 
+/// From this many consecutive rows of one table on, a replay loads them with
+/// `COPY FROM STDIN` instead: no SQL to parse, no literals to coerce (a
+/// 1M-row COPY through mmd: docs/performance.md). Below it the extra round
+/// trip of COPY's setup costs more than it saves.
+pub const COPY_MIN_ROWS: usize = 200;
+
+/// Rows per `COPY` of a replay (bounds the text held at once).
+pub const COPY_BATCH_ROWS: usize = 100_000;
+
+/// A run of inserted rows listing the same columns of one table.
+struct InsertRun<'a> {
+    rel: &'a Arc<Relation>,
+    cols: Vec<usize>,
+    rows: Vec<&'a Tuple>,
+}
+
+impl InsertRun<'_> {
+    fn statements(self, out: &mut Vec<Stmt>) -> Result<(), ReplayError> {
+        let (rel, cols) = (&**self.rel, &self.cols);
+        if self.rows.len() >= COPY_MIN_ROWS {
+            for rows in self.rows.chunks(COPY_BATCH_ROWS) {
+                out.push(Stmt {
+                    sql: format!(
+                        "COPY {} ({}) FROM STDIN",
+                        table(rel),
+                        column_list(rel, cols)
+                    ),
+                    expect_rows: Some(rows.len() as u64),
+                    copy_data: Some(copy_text(rel, cols, rows)?),
+                });
+            }
+        } else {
+            for rows in self.rows.chunks(INSERT_BATCH_ROWS) {
+                out.push(Stmt::sql(
+                    insert_sql(rel, cols, rows)?,
+                    Some(rows.len() as u64),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The statements replaying `changes` in order, consecutive inserts into
-/// the same table and columns folded into multi-row `INSERT`s. Each
-/// statement still reports exactly the rows it must change.
+/// the same table and columns folded into multi-row `INSERT`s, or a `COPY`
+/// when there are many. Each statement still reports exactly the rows it
+/// must change.
 pub fn replay_statements(changes: &[Change]) -> Result<Vec<Stmt>, ReplayError> {
     let mut out = Vec::new();
-    // The open batch: its `INSERT INTO ...` part, its rows' value lists.
-    let mut batch: Option<(String, Vec<String>)> = None;
-    let flush = |batch: &mut Option<(String, Vec<String>)>, out: &mut Vec<Stmt>| {
-        if let Some((into, rows)) = batch.take() {
-            out.push(Stmt {
-                sql: format!("{into} VALUES {}", rows.join(", ")),
-                expect_rows: Some(rows.len() as u64),
-            });
-        }
-    };
+    let mut run: Option<InsertRun> = None;
     for ch in changes {
         if let Change::Insert { rel, new } = ch {
-            let (into, row) = insert_parts(rel, new)?;
-            match &mut batch {
-                Some((b, rows)) if *b == into && rows.len() < INSERT_BATCH_ROWS => rows.push(row),
+            let cols = insert_columns(rel, new)?;
+            match &mut run {
+                Some(r) if r.cols == cols && (Arc::ptr_eq(r.rel, rel) || **r.rel == **rel) => {
+                    r.rows.push(new)
+                }
                 _ => {
-                    flush(&mut batch, &mut out);
-                    batch = Some((into, vec![row]));
+                    if let Some(r) = run.take() {
+                        r.statements(&mut out)?;
+                    }
+                    run = Some(InsertRun {
+                        rel,
+                        cols,
+                        rows: vec![new],
+                    });
                 }
             }
         } else {
-            flush(&mut batch, &mut out);
+            if let Some(r) = run.take() {
+                r.statements(&mut out)?;
+            }
             out.extend(ch.to_sql()?);
         }
     }
-    flush(&mut batch, &mut out);
+    if let Some(r) = run.take() {
+        r.statements(&mut out)?;
+    }
     Ok(out)
 }
 
@@ -210,11 +332,8 @@ impl Change {
     pub fn to_sql(&self) -> Result<Vec<Stmt>, ReplayError> {
         Ok(match self {
             Change::Insert { rel, new } => {
-                let (into, row) = insert_parts(rel, new)?;
-                vec![Stmt {
-                    sql: format!("{into} VALUES {row}"),
-                    expect_rows: Some(1),
-                }]
+                let cols = insert_columns(rel, new)?;
+                vec![Stmt::sql(insert_sql(rel, &cols, &[new])?, Some(1))]
             }
             Change::Update { rel, old, new } => {
                 check_arity(rel, new)?;
@@ -235,6 +354,7 @@ impl Change {
                         sets.join(", ")
                     ),
                     expect_rows: Some(1),
+                    copy_data: None,
                 }]
             }
             Change::Delete { rel, old } => {
@@ -243,6 +363,7 @@ impl Change {
                 vec![Stmt {
                     sql: format!("DELETE FROM {} WHERE {filter}", table(rel)),
                     expect_rows: Some(1),
+                    copy_data: None,
                 }]
             }
             Change::Truncate {
@@ -263,6 +384,7 @@ impl Change {
                         if *cascade { " CASCADE" } else { "" }
                     ),
                     expect_rows: None,
+                    copy_data: None,
                 }]
             }
             Change::Ddl { search_path, sql } => vec![
@@ -272,10 +394,12 @@ impl Change {
                         quote_literal(search_path)
                     ),
                     expect_rows: None,
+                    copy_data: None,
                 },
                 Stmt {
                     sql: sql.clone(),
                     expect_rows: None,
+                    copy_data: None,
                 },
             ],
         })
@@ -377,7 +501,7 @@ mod tests {
             rel: r.clone(),
             old: OldTuple::Key(vec![t("1"), TupleValue::Null]),
         };
-        let mut changes = vec![ins("1"), ins("2"), toast, del, ins("4")];
+        let mut changes = vec![ins("1"), ins("2"), toast, del.clone(), ins("4")];
         let st = replay_statements(&changes).unwrap();
         let sql: Vec<&str> = st.iter().map(|s| s.sql.as_str()).collect();
         assert_eq!(
@@ -391,13 +515,50 @@ mod tests {
         );
         let rows: Vec<Option<u64>> = st.iter().map(|s| s.expect_rows).collect();
         assert_eq!(rows, [Some(2), Some(1), Some(1), Some(1)]);
-        // Batches stop at INSERT_BATCH_ROWS.
-        changes = (0..INSERT_BATCH_ROWS + 1)
+        assert!(st.iter().all(|s| s.copy_data.is_none()));
+        // Below COPY_MIN_ROWS: INSERTs; from it on, COPYs of COPY_BATCH_ROWS.
+        changes = (0..COPY_MIN_ROWS - 1)
             .map(|i| ins(&i.to_string()))
             .collect();
         let st = replay_statements(&changes).unwrap();
+        assert_eq!(st.len(), 1);
+        assert!(st[0].sql.starts_with("INSERT INTO"));
+        assert_eq!(st[0].expect_rows, Some(COPY_MIN_ROWS as u64 - 1));
+        changes = (0..COPY_BATCH_ROWS + 1)
+            .map(|i| ins(&i.to_string()))
+            .chain([del.clone()])
+            .collect();
+        let st = replay_statements(&changes).unwrap();
         let rows: Vec<Option<u64>> = st.iter().map(|s| s.expect_rows).collect();
-        assert_eq!(rows, [Some(INSERT_BATCH_ROWS as u64), Some(1)]);
+        assert_eq!(rows, [Some(COPY_BATCH_ROWS as u64), Some(1), Some(1)]);
+        assert_eq!(st[0].sql, r#"COPY "public"."mm" ("id", "info") FROM STDIN"#);
+        assert_eq!(st[1].copy_data.as_deref(), Some(&b"100000\tx\n"[..]));
+        assert!(st[2].sql.starts_with("DELETE"));
+    }
+
+    #[test]
+    fn copy_text_escapes_what_copy_would_split_on() {
+        let r = rel();
+        let rows = [
+            vec![t("1"), t("tab\there")],
+            vec![t("2"), TupleValue::Null],
+            vec![t("3"), t("back\\slash\nnew\rline \\N")],
+        ];
+        let refs: Vec<&Tuple> = rows.iter().collect();
+        let text = copy_text(&r, &[0, 1], &refs).unwrap();
+        assert_eq!(
+            String::from_utf8(text).unwrap(),
+            "1\ttab\\there\n2\t\\N\n3\tback\\\\slash\\nnew\\rline \\\\N\n"
+        );
+        let bin = [vec![
+            t("1"),
+            TupleValue::Binary(Bytes::from_static(b"\x01")),
+        ]];
+        let refs: Vec<&Tuple> = bin.iter().collect();
+        assert!(matches!(
+            copy_text(&r, &[0, 1], &refs),
+            Err(ReplayError::Binary { .. })
+        ));
     }
 
     #[test]

@@ -72,14 +72,14 @@ impl Replayer {
         let (body, stmts) = replay_body(tx, REPLAY_LOCK_TIMEOUT_MS, self.node_id)?;
         // Prepared and committed under its gid, so this node's own stream
         // carries it as the same transaction to a node catching up from here.
-        let msgs = match run_chunks(c, body, &format!("PREPARE TRANSACTION {gid}"), || {}).await {
+        let counts = match run_chunks(c, body, &format!("PREPARE TRANSACTION {gid}"), || {}).await {
             Ok(m) => m,
             Err(e) => {
                 let _ = c.simple_query("ROLLBACK").await;
                 return Err(format!("replaying {}: {}", tx.gid, pg_message(&e)));
             }
         };
-        if let Err(e) = check_row_counts(&msgs, &stmts) {
+        if let Err(e) = check_row_counts(&counts, &stmts) {
             let _ = c.simple_query(&format!("ROLLBACK PREPARED {gid}")).await;
             return Err(format!(
                 "replaying committed transaction {}: {e}; this node diverged and needs a resync",
