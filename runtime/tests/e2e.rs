@@ -380,6 +380,18 @@ async fn copy_from_stdin_commits_everywhere() {
             .expect("autocommit copy_in hung"),
         5000
     );
+    // copy_in's finish returns at CommandComplete: the proxy must send it
+    // only once the cluster committed, so every node shows the rows now
+    // (read directly, no waiting).
+    for i in 0..3 {
+        let db = c.pg.connect(i).await.unwrap();
+        let n: i64 = db
+            .query_one("select count(*) from cp", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 5000, "node {} right after the COPY returned", i + 1);
+    }
     let n2 = c.connect_proxy(1).await.unwrap();
     n2.batch_execute("begin").await.unwrap();
     assert_eq!(

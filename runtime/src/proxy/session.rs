@@ -105,6 +105,9 @@ struct Session {
     had_ddl: bool,
     /// An ErrorResponse went to the client since this was last cleared.
     saw_error: bool,
+    /// The CommandComplete of an implicit transaction's statement, until
+    /// its commit is decided (see [`Session::relay_with`]).
+    held_complete: Option<Frame>,
     /// An administrator's session (`-c mm.admin_bypass=on`): it stays open
     /// on a node that is not online, to look at it.
     bypass: bool,
@@ -145,6 +148,7 @@ pub async fn run(sock: TcpStream, ctx: Arc<ProxyContext>, id: ClientId) {
                 batch_execs: Vec::new(),
                 had_ddl: false,
                 saw_error: false,
+                held_complete: None,
                 bypass,
                 wait_peers,
             };
@@ -638,6 +642,15 @@ impl Session {
     /// Relay the backend's responses to what was forwarded, up to
     /// ReadyForQuery (held back if `hold`); returns its status.
     async fn relay(&mut self, hold: bool) -> Result<u8, SessionError> {
+        self.relay_with(hold, false).await
+    }
+
+    /// As [`Self::relay`]; with `keep_complete` (the statements of an
+    /// implicit transaction) the last CommandComplete is kept back in
+    /// `held_complete`: PostgreSQL sends it only after the commit, and a
+    /// client may take it as the end of the statement (tokio-postgres's
+    /// `copy_in` does), so it must not arrive before the cluster committed.
+    async fn relay_with(&mut self, hold: bool, keep_complete: bool) -> Result<u8, SessionError> {
         self.swallow_pending().await?;
         loop {
             let f = self
@@ -663,6 +676,11 @@ impl Session {
                 b'E' => {
                     self.saw_error = true;
                     self.client_w.push(&f);
+                }
+                b'C' if keep_complete => {
+                    if let Some(earlier) = self.held_complete.replace(f) {
+                        self.client_w.push(&earlier);
+                    }
                 }
                 _ => {
                     self.client_w.push(&f);
@@ -830,7 +848,7 @@ impl Session {
             .flush()
             .await
             .map_err(SessionError::Backend)?;
-        let status = self.relay(true).await?;
+        let status = self.relay_with(true, wrap).await?;
         if wrap {
             let wrote = self.wrote(pipelined).await?;
             self.finish_implicit(status, wrote).await?;
@@ -842,16 +860,29 @@ impl Session {
     /// ReadyForQuery said `status`. Commit (or roll back); the caller
     /// sends ReadyForQuery.
     async fn finish_implicit(&mut self, status: u8, wrote: Internal) -> Result<(), SessionError> {
+        // The statement's CommandComplete goes out once the commit is
+        // decided, and not at all if the transaction aborted at commit.
+        let complete = self.held_complete.take();
         match status {
-            b'T' => {
-                if let reply @ CommitReply::Error(_) = self.commit(Some(wrote)).await? {
-                    self.push_commit_reply(reply);
+            b'T' => match self.commit(Some(wrote)).await? {
+                reply @ CommitReply::Error(_) => self.push_commit_reply(reply),
+                CommitReply::Committed => {
+                    if let Some(c) = complete {
+                        self.client_w.push(&c);
+                    }
                 }
-            }
+            },
             b'E' => {
+                if let Some(c) = complete {
+                    self.client_w.push(&c);
+                }
                 self.internal("ROLLBACK").await?;
             }
-            _ => {}
+            _ => {
+                if let Some(c) = complete {
+                    self.client_w.push(&c);
+                }
+            }
         }
         self.ensure_idle().await
     }
@@ -971,7 +1002,7 @@ impl Session {
             self.swallow_pending().await?;
             return Ok(());
         }
-        let status = self.relay(wrap).await?;
+        let status = self.relay_with(wrap, wrap).await?;
         if begin_rw {
             self.pending_internal += 1;
             self.swallow_pending().await?;
