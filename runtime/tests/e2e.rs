@@ -383,15 +383,11 @@ async fn copy_from_stdin_commits_everywhere() {
     // copy_in's finish returns at CommandComplete: the proxy must send it
     // only once the cluster committed, so every node shows the rows now
     // (read directly, no waiting).
-    for i in 0..3 {
-        let db = c.pg.connect(i).await.unwrap();
-        let n: i64 = db
-            .query_one("select count(*) from cp", &[])
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(n, 5000, "node {} right after the COPY returned", i + 1);
-    }
+    assert_eq!(
+        counts_on_all(&c, "select count(*) from cp").await,
+        [5000; 3],
+        "every node right after the COPY returned"
+    );
     let n2 = c.connect_proxy(1).await.unwrap();
     n2.batch_execute("begin").await.unwrap();
     assert_eq!(
@@ -415,6 +411,19 @@ async fn copy_from_stdin_commits_everywhere() {
     tokio::time::timeout(t, read_until_ready(&mut raw))
         .await
         .expect("simple COPY hung");
+    // An implicit transaction whose second statement fails: the first
+    // one's CommandComplete, then the error, as PostgreSQL sends them.
+    raw.write_all(&query_msg(
+        "insert into cp values (7000, 'a'); insert into cp values (7000, 'b')",
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        tokio::time::timeout(t, read_tags_until_ready(&mut raw))
+            .await
+            .expect("failed implicit transaction hung"),
+        b"CEZ"
+    );
     n1.batch_execute("select 1")
         .await
         .expect("session still usable");
@@ -488,6 +497,22 @@ async fn query(s: &mut tokio::net::TcpStream, sql: &str) {
     use tokio::io::AsyncWriteExt;
     s.write_all(&query_msg(sql)).await.unwrap();
     read_until_ready(s).await;
+}
+
+/// The tags of the messages up to and including ReadyForQuery.
+async fn read_tags_until_ready(s: &mut tokio::net::TcpStream) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut tags = Vec::new();
+    loop {
+        let tag = s.read_u8().await.unwrap();
+        let len = s.read_i32().await.unwrap();
+        let mut body = vec![0; len as usize - 4];
+        s.read_exact(&mut body).await.unwrap();
+        tags.push(tag);
+        if tag == b'Z' {
+            return tags;
+        }
+    }
 }
 
 async fn read_until_ready(s: &mut tokio::net::TcpStream) {

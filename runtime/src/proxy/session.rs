@@ -659,6 +659,14 @@ impl Session {
                 .await
                 .map_err(SessionError::Backend)?
                 .ok_or(SessionError::BackendClosed)?;
+            // Only a CommandComplete right before ReadyForQuery is the
+            // transaction's last word; anything after an earlier one
+            // (another statement's rows, an error) lets it go, in order.
+            if !matches!(f.tag, b'C' | b'Z') {
+                if let Some(earlier) = self.held_complete.take() {
+                    self.client_w.push(&earlier);
+                }
+            }
             match f.tag {
                 b'Z' => {
                     self.status = f.body().first().copied().unwrap_or(b'I');
@@ -862,27 +870,21 @@ impl Session {
     async fn finish_implicit(&mut self, status: u8, wrote: Internal) -> Result<(), SessionError> {
         // The statement's CommandComplete goes out once the commit is
         // decided, and not at all if the transaction aborted at commit.
-        let complete = self.held_complete.take();
+        let mut complete = self.held_complete.take();
         match status {
-            b'T' => match self.commit(Some(wrote)).await? {
-                reply @ CommitReply::Error(_) => self.push_commit_reply(reply),
-                CommitReply::Committed => {
-                    if let Some(c) = complete {
-                        self.client_w.push(&c);
-                    }
+            b'T' => {
+                if let reply @ CommitReply::Error(_) = self.commit(Some(wrote)).await? {
+                    self.push_commit_reply(reply);
+                    complete = None;
                 }
-            },
+            }
             b'E' => {
-                if let Some(c) = complete {
-                    self.client_w.push(&c);
-                }
                 self.internal("ROLLBACK").await?;
             }
-            _ => {
-                if let Some(c) = complete {
-                    self.client_w.push(&c);
-                }
-            }
+            _ => {}
+        }
+        if let Some(c) = complete {
+            self.client_w.push(&c);
         }
         self.ensure_idle().await
     }
