@@ -93,6 +93,17 @@ put_u64(char *at, uint64 v)
 	put_u32(at + 4, (uint32) v);
 }
 
+/* Hands the open batch to the walsender, its header's WAL end (walEnd) set
+ * to the last message's position. */
+static void
+batch_send(LogicalDecodingContext *ctx, XLogRecPtr lsn, TransactionId xid, bool last_write)
+{
+	if (ctx->out->len >= XLOGDATA_HEADER && batch_end != InvalidXLogRecPtr)
+		put_u64(ctx->out->data + 1 + 8, batch_end);
+	batch_open = false;
+	walsender_write(ctx, lsn, xid, last_write);
+}
+
 static void
 batch_prepare_write(LogicalDecodingContext *ctx, XLogRecPtr lsn, TransactionId xid,
 					bool last_write)
@@ -116,24 +127,15 @@ batch_write(LogicalDecodingContext *ctx, XLogRecPtr lsn, TransactionId xid, bool
 		batch_end = lsn;
 	if (may_defer && ctx->out->len < BATCH_BYTES)
 		return;
-	/* The header's WAL end (walEnd): the last message's position. */
-	if (ctx->out->len >= XLOGDATA_HEADER && batch_end != InvalidXLogRecPtr)
-		put_u64(ctx->out->data + 1 + 8, batch_end);
-	batch_open = false;
-	walsender_write(ctx, lsn, xid, last_write);
+	batch_send(ctx, lsn, xid, last_write);
 }
 
 /* Sends what a transaction's callbacks left in the batch. */
 static void
 batch_flush(LogicalDecodingContext *ctx)
 {
-	if (!batch_open)
-		return;
-	/* An empty frame would be a message; send the batch as it is. */
-	if (ctx->out->len >= XLOGDATA_HEADER && batch_end != InvalidXLogRecPtr)
-		put_u64(ctx->out->data + 1 + 8, batch_end);
-	batch_open = false;
-	walsender_write(ctx, ctx->write_location, ctx->write_xid, true);
+	if (batch_open)
+		batch_send(ctx, ctx->write_location, ctx->write_xid, true);
 }
 
 /* Parses "mm-<origin>-<boot>.<seq>-<gen>" (core/src/ids.rs); false if the
@@ -244,15 +246,31 @@ mm_startup(LogicalDecodingContext *ctx, OutputPluginOptions *opt, bool is_init)
 	}
 }
 
+/* At a transaction's first callback: leave it out if `skip`. */
+static bool
+starts_skipped(ReorderBufferTXN *txn, bool skip)
+{
+	skipping = skip ? txn->xid : InvalidTransactionId;
+	return skip;
+}
+
+/* At a transaction's last callback: true if it was left out (the walsender
+ * then moves the slot past it, as past an empty transaction). */
+static bool
+ends_skipped(LogicalDecodingContext *ctx, ReorderBufferTXN *txn)
+{
+	if (!skipped(txn))
+		return false;
+	skipping = InvalidTransactionId;
+	OutputPluginUpdateProgress(ctx, true);
+	return true;
+}
+
 static void
 mm_begin(LogicalDecodingContext *ctx, ReorderBufferTXN *txn)
 {
-	skipping = InvalidTransactionId;
-	if (filtering && txn->origin_id != InvalidRepOriginId)
-	{
-		skipping = txn->xid;
+	if (starts_skipped(txn, filtering && txn->origin_id != InvalidRepOriginId))
 		return;
-	}
 	may_defer = true;
 	inner.begin_cb(ctx, txn);
 	may_defer = false;
@@ -261,13 +279,8 @@ mm_begin(LogicalDecodingContext *ctx, ReorderBufferTXN *txn)
 static void
 mm_commit(LogicalDecodingContext *ctx, ReorderBufferTXN *txn, XLogRecPtr commit_lsn)
 {
-	if (skipped(txn))
-	{
-		skipping = InvalidTransactionId;
-		/* Lets the walsender move the slot past it (as for an empty transaction). */
-		OutputPluginUpdateProgress(ctx, true);
+	if (ends_skipped(ctx, txn))
 		return;
-	}
 	inner.commit_cb(ctx, txn, commit_lsn);
 	batch_flush(ctx);
 }
@@ -308,12 +321,8 @@ mm_message(LogicalDecodingContext *ctx, ReorderBufferTXN *txn, XLogRecPtr lsn,
 static void
 mm_begin_prepare(LogicalDecodingContext *ctx, ReorderBufferTXN *txn)
 {
-	skipping = InvalidTransactionId;
-	if (echo_not_needed(txn->gid))
-	{
-		skipping = txn->xid;
+	if (starts_skipped(txn, echo_not_needed(txn->gid)))
 		return;
-	}
 	may_defer = true;
 	inner.begin_prepare_cb(ctx, txn);
 	may_defer = false;
@@ -322,12 +331,8 @@ mm_begin_prepare(LogicalDecodingContext *ctx, ReorderBufferTXN *txn)
 static void
 mm_prepare(LogicalDecodingContext *ctx, ReorderBufferTXN *txn, XLogRecPtr prepare_lsn)
 {
-	if (skipped(txn))
-	{
-		skipping = InvalidTransactionId;
-		OutputPluginUpdateProgress(ctx, true);
+	if (ends_skipped(ctx, txn))
 		return;
-	}
 	inner.prepare_cb(ctx, txn, prepare_lsn);
 	batch_flush(ctx);
 }

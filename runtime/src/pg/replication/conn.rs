@@ -692,11 +692,8 @@ impl ReplicationStream {
     /// buffered); a keepalive reply interrupted by cancellation is completed by
     /// the next write.
     pub async fn next(&mut self) -> Result<Option<(Lsn, PgOutputMessage)>, ReplError> {
-        if let Some((lsn, msg, end)) = self.pending.pop_front() {
-            if let Some(end) = end {
-                self.received = self.received.max(end);
-            }
-            return Ok(Some((lsn, msg)));
+        if let Some(next) = self.pop_pending() {
+            return Ok(Some(next));
         }
         loop {
             if self.done {
@@ -751,11 +748,7 @@ impl ReplicationStream {
                         self.pending
                             .extend(msgs.into_iter().map(|m| (start, m, None)));
                         self.pending.push_back((start, last, Some(end.max(start))));
-                        let (lsn, msg, end) = self.pending.pop_front().expect("one pushed");
-                        if let Some(end) = end {
-                            self.received = self.received.max(end);
-                        }
-                        return Ok(Some((lsn, msg)));
+                        return Ok(self.pop_pending());
                     }
                     self.received = self.received.max(end).max(start);
                     let msg = pgoutput::decode(&payload)
@@ -782,6 +775,16 @@ impl ReplicationStream {
                 }
             }
         }
+    }
+
+    /// The next message of a batch; its WAL end counts as received with the
+    /// batch's last message.
+    fn pop_pending(&mut self) -> Option<(Lsn, PgOutputMessage)> {
+        let (lsn, msg, end) = self.pending.pop_front()?;
+        if let Some(end) = end {
+            self.received = self.received.max(end);
+        }
+        Some((lsn, msg))
     }
 
     /// Everything up to `flush` is durably applied here: tell the server now
