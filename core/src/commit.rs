@@ -183,6 +183,10 @@ impl Node {
         if self.is_mutant(crate::Mutant::AckBeforePersist) && from != self.cfg.id {
             self.send(from, ack);
             self.persist(DurableOp::Tx(gid, rec));
+        } else if self.is_mutant(crate::Mutant::AcceptanceRecordedLazily) {
+            // An acceptance is a promise: it must never ride as a lazy record.
+            self.record_lazily(DurableOp::Tx(gid, rec));
+            self.send(from, ack);
         } else {
             self.persist(DurableOp::Tx(gid, rec));
             self.send(from, ack);
@@ -216,12 +220,14 @@ impl Node {
         rec.decided = Some(commit);
         // A decision reached here is chosen (a majority durably accepted
         // it), so acting on it needs no record of it: the members finish and
-        // learn it before `decided` is durable. Lost in a crash, the record
-        // is re-learnt from the acceptors by a resolver.
+        // learn it before `decided` is durable, and the record is written
+        // lazily (no fsync on the commit's path, none competing with the
+        // COMMIT PREPAREDs for the disk). Lost in a crash, it is re-learnt
+        // from the acceptors by a resolver.
         self.finish_locally(gid, commit);
         let others = self.cfg.all_nodes().minus(NodeSet::single(self.cfg.id));
         self.send_all(others, Message::Decision { gid, commit });
-        self.persist(DurableOp::Tx(gid, rec));
+        self.record_lazily(DurableOp::Tx(gid, rec));
     }
 
     pub(crate) fn on_decision(&mut self, gid: Gid, commit: bool) {
@@ -238,9 +244,9 @@ impl Node {
             return;
         }
         rec.decided = Some(commit);
-        // Chosen already (see `decide`): finish before the record is durable.
+        // Chosen already (see `decide`): finish at once, record lazily.
         self.finish_locally(gid, commit);
-        self.persist(DurableOp::Tx(gid, rec));
+        self.record_lazily(DurableOp::Tx(gid, rec));
     }
 
     /// Commit or roll back a decided transaction in the local database.

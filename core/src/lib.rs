@@ -10,6 +10,8 @@
 //! Contract for drivers:
 //! - process outputs in order; a [`Output::Persist`] must be durable before
 //!   any later output of the same batch is released (messages depend on it);
+//! - a [`Output::Record`] may be made durable late, but before (or with)
+//!   the next `Persist`, and the later outputs do not wait for it;
 //! - call `handle(now, Input::Tick)` when `now >= node.next_timer()`;
 //! - after a crash, rebuild the node with [`Node::recover`] from the durable
 //!   state and the database's list of prepared gids.
@@ -303,6 +305,12 @@ pub enum Output {
     Db(DbCmd),
     /// Make this durable before releasing any later output.
     Persist(DurableOp),
+    /// Make this durable eventually: with the next `Persist` (never after
+    /// it) or on the driver's own schedule; later outputs do not wait.
+    /// Only state whose loss in a crash breaks no promise is recorded so:
+    /// a decided outcome that was chosen (a majority durably accepted it, or
+    /// the coordinator's own durable abort), which a resolver learns again.
+    Record(DurableOp),
     Reply {
         client: ClientId,
         outcome: Outcome,

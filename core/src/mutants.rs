@@ -26,10 +26,14 @@ pub enum Mutant {
     /// majority without making it durable (its peers' Accept already goes
     /// out before that persist; the count must not).
     CountOwnAckUndurable,
+    /// An acceptor writes its acceptance as a lazy record (`Output::Record`,
+    /// which later outputs do not wait for) instead of a `Persist`, so its
+    /// `Accepted` leaves before the acceptance is durable.
+    AcceptanceRecordedLazily,
 }
 
 impl Mutant {
-    pub const ALL: [Mutant; 7] = [
+    pub const ALL: [Mutant; 8] = [
         Mutant::CommitOnMajorityPrepares,
         Mutant::AckBeforePersist,
         Mutant::ResolverIgnoresBallots,
@@ -37,6 +41,7 @@ impl Mutant {
         Mutant::CatchupSkipsTransactions,
         Mutant::ReplyBeforePeerCommits,
         Mutant::CountOwnAckUndurable,
+        Mutant::AcceptanceRecordedLazily,
     ];
 
     pub fn name(self) -> &'static str {
@@ -48,6 +53,7 @@ impl Mutant {
             Mutant::CatchupSkipsTransactions => "catchup_skips_transactions",
             Mutant::ReplyBeforePeerCommits => "reply_before_peer_commits",
             Mutant::CountOwnAckUndurable => "count_own_ack_undurable",
+            Mutant::AcceptanceRecordedLazily => "acceptance_recorded_lazily",
         }
     }
 }

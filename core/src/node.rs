@@ -428,6 +428,13 @@ impl Node {
         self.out.push_back(Output::Persist(op));
     }
 
+    /// A write the node may lose in a crash without breaking a promise
+    /// (see [`Output::Record`]): off the commit's critical path.
+    pub(crate) fn record_lazily(&mut self, op: DurableOp) {
+        self.durable.apply(&op);
+        self.out.push_back(Output::Record(op));
+    }
+
     pub(crate) fn db(&mut self, cmd: DbCmd) {
         self.out.push_back(Output::Db(cmd));
     }

@@ -79,6 +79,9 @@ impl Cluster {
                         }
                     }
                 }
+                // This harness writes lazy records at once (the simulator
+                // is where they are lost in crashes).
+                Output::Record(op) => self.durable[i as usize].apply(&op),
                 Output::Send { to, msg } => {
                     let env = Envelope { from: i, to, msg };
                     if !self.cut.contains(&(i, to)) && !self.drop.is_some_and(|d| d(&env)) {

@@ -3,7 +3,10 @@
 //! into inputs, and carries out outputs in order; every decision is the
 //! core's. A `Persist` is awaited before any later output is released
 //! (raft-rs: persist, then send), and a storage failure stops the node
-//! (fail-stop) rather than let it act on state it could not save.
+//! (fail-stop) rather than let it act on state it could not save. A lazy
+//! `Record` waits for the next persist batch to ride with (or
+//! [`LAZY_FLUSH_AFTER`], or [`LAZY_FLUSH_OPS`] of them): it costs no fsync
+//! of its own under load and holds up nothing.
 
 use crate::mesh::Mesh;
 use crate::storage::{Loaded, Storage, StorageError};
@@ -15,6 +18,11 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
+
+/// How long lazy records may wait for a persist batch before they get one.
+pub const LAZY_FLUSH_AFTER: Duration = Duration::from_millis(100);
+/// How many lazy records may wait at most.
+pub const LAZY_FLUSH_OPS: usize = 4096;
 
 /// Requests to a running driver (from the client proxy, status, tests).
 #[derive(Debug)]
@@ -118,6 +126,9 @@ pub struct Driver<S: Storage> {
     silenced: bool,
     /// Sees every core event as it is output (a simulator's phase tap).
     on_event: Option<EventHook>,
+    /// The core's lazy records not yet written, in output order, and since when.
+    lazy: Vec<DurableOp>,
+    lazy_since: Option<Instant>,
 }
 
 /// A synchronous observer of the core's events, called in output order.
@@ -194,6 +205,8 @@ impl<S: Storage> Driver<S> {
             silenced: false,
             on_event: None,
             watch: watch_tx,
+            lazy: Vec::new(),
+            lazy_since: None,
         };
         Ok((
             driver,
@@ -221,6 +234,7 @@ impl<S: Storage> Driver<S> {
         self.flush().await?;
         loop {
             let deadline = self.epoch + Duration::from_micros(self.node.next_timer().0);
+            let lazy_at = self.lazy_since.map(|t| t + LAZY_FLUSH_AFTER);
             // `biased`: a fixed branch order keeps runs reproducible under
             // turmoil. Peers' messages and database results go before client
             // commands, so a node that was starved judges a request on fresh
@@ -235,6 +249,9 @@ impl<S: Storage> Driver<S> {
                     tracing::trace!(node = self.node.id(), ?input);
                     let now = self.now();
                     self.node.handle(now, input);
+                }
+                _ = tokio::time::sleep_until(lazy_at.unwrap_or(deadline)), if lazy_at.is_some() => {
+                    self.flush_lazy().await?;
                 }
                 _ = tokio::time::sleep_until(deadline) => {
                     let now = self.now();
@@ -273,7 +290,20 @@ impl<S: Storage> Driver<S> {
                 changed
             });
         }
+        self.flush_lazy().await?;
         self.mesh.shutdown().await;
+        Ok(())
+    }
+
+    /// Write the waiting lazy records on their own.
+    async fn flush_lazy(&mut self) -> Result<(), DriverError> {
+        self.lazy_since = None;
+        if self.lazy.is_empty() {
+            return Ok(());
+        }
+        let ops = std::mem::take(&mut self.lazy);
+        tracing::trace!(node = self.node.id(), ops = ops.len(), "lazy records batch");
+        self.storage.persist_batch(&ops).await?;
         Ok(())
     }
 
@@ -301,7 +331,9 @@ impl<S: Storage> Driver<S> {
     /// while the coordinator's own acceptance is written); every state
     /// change of the round is then made durable with one write and fsync;
     /// then the rest, in order. Persisting a later op early is harmless: the
-    /// core already acts on it.
+    /// core already acts on it. The waiting lazy records lead the batch (a
+    /// `Persist` never overtakes a `Record` output before it); with no
+    /// `Persist` in the round they keep waiting.
     async fn flush(&mut self) -> Result<(), DriverError> {
         let mut outs = Vec::new();
         while let Some(out) = self.node.poll_output() {
@@ -311,22 +343,29 @@ impl<S: Storage> Driver<S> {
             .iter()
             .position(|o| matches!(o, Output::Persist(_)))
             .unwrap_or(outs.len());
-        let persist: Vec<DurableOp> = outs[first_persist..]
-            .iter()
-            .filter_map(|o| match o {
-                Output::Persist(op) => Some(op.clone()),
-                _ => None,
-            })
-            .collect();
         let mut outs = outs.into_iter();
         for out in outs.by_ref().take(first_persist) {
-            self.release(out);
+            match out {
+                Output::Record(op) => self.lazy.push(op),
+                out => self.release(out),
+            }
         }
-        if !persist.is_empty() {
-            tracing::trace!(node = self.node.id(), ops = persist.len(), "persist batch");
-            self.storage.persist_batch(&persist).await?;
+        let rest: Vec<Output> = outs.collect();
+        if !rest.is_empty() {
+            let mut batch = std::mem::take(&mut self.lazy);
+            self.lazy_since = None;
+            batch.extend(rest.iter().filter_map(|o| match o {
+                Output::Persist(op) | Output::Record(op) => Some(op.clone()),
+                _ => None,
+            }));
+            tracing::trace!(node = self.node.id(), ops = batch.len(), "persist batch");
+            self.storage.persist_batch(&batch).await?;
+        } else if self.lazy.len() >= LAZY_FLUSH_OPS {
+            self.flush_lazy().await?;
+        } else if !self.lazy.is_empty() && self.lazy_since.is_none() {
+            self.lazy_since = Some(Instant::now());
         }
-        for out in outs {
+        for out in rest {
             self.release(out);
         }
         Ok(())
@@ -336,7 +375,7 @@ impl<S: Storage> Driver<S> {
     fn release(&mut self, out: Output) {
         tracing::trace!(node = self.node.id(), output = ?out);
         match out {
-            Output::Persist(_) => {}
+            Output::Persist(_) | Output::Record(_) => {}
             Output::Send { to, msg } => {
                 if !self.silenced {
                     self.mesh.send(to, msg)

@@ -206,3 +206,30 @@ async fn a_silenced_node_is_voted_out_and_rejoins_when_it_speaks_again() {
         j.await.unwrap();
     }
 }
+
+/// A decided outcome is a lazy record (`Output::Record`): no persist of its
+/// own on the commit's path, but it reaches storage on the driver's timer
+/// even when no later persist batch comes to carry it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lazy_decision_records_reach_storage_without_more_traffic() {
+    let (_addrs, cluster, nodes) = start_cluster().await;
+    assert_eq!(
+        nodes[0].0.commit(ClientId(1), true).await,
+        Some(Outcome::Committed)
+    );
+    let decided_everywhere = || {
+        (1..=N as NodeId).all(|i| {
+            cluster.db(i).durable.is_some_and(|d| {
+                d.txs.len() == 1 && d.txs.values().all(|r| r.decided == Some(true))
+            })
+        })
+    };
+    wait_for("every node's decided record in storage", async || {
+        decided_everywhere()
+    })
+    .await;
+    for (h, j) in nodes {
+        h.shutdown().await;
+        j.await.unwrap();
+    }
+}

@@ -127,7 +127,14 @@ struct Slot {
     trigger: Option<CrashTrigger>,
     /// Events that arrived while paused, in arrival order.
     deferred: Vec<Ev>,
+    /// The core's lazy records (`Output::Record`) not yet durable: written
+    /// before the next Persist or once `LAZY_FLUSH` old, lost in a crash.
+    lazy: Vec<mm_core::DurableOp>,
+    lazy_since: VTime,
 }
+
+/// How long mmd's driver lets lazy records wait for a Persist to ride with.
+const LAZY_FLUSH: VTime = 100 * MS;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
@@ -210,6 +217,8 @@ impl World {
                 pending_remote: BTreeMap::new(),
                 trigger: None,
                 deferred: Vec::new(),
+                lazy: Vec::new(),
+                lazy_since: 0,
             })
             .collect();
         let mut net = Net::new(
@@ -580,7 +589,17 @@ impl World {
             match out {
                 Output::Persist(op) => {
                     tr!(self, id, "persist {:?}", op);
+                    self.flush_lazy(id);
                     self.slot_mut(id).durable.apply(&op);
+                }
+                Output::Record(op) => {
+                    tr!(self, id, "record lazily {:?}", op);
+                    let now = self.now;
+                    let slot = self.slot_mut(id);
+                    if slot.lazy.is_empty() {
+                        slot.lazy_since = now;
+                    }
+                    slot.lazy.push(op);
                 }
                 Output::Send { to, msg } => self.send_msg(id, to, msg),
                 Output::Db(cmd) => self.submit_db(id, cmd),
@@ -600,7 +619,18 @@ impl World {
                 return;
             }
         }
+        if self.now >= self.slot(id).lazy_since + LAZY_FLUSH {
+            self.flush_lazy(id);
+        }
         self.schedule_tick(id);
+    }
+
+    /// Make the lazy records durable (in their order).
+    fn flush_lazy(&mut self, id: NodeId) {
+        let slot = self.slot_mut(id);
+        for op in std::mem::take(&mut slot.lazy) {
+            slot.durable.apply(&op);
+        }
     }
 
     /// Take the hooks of `id` that `out` fires (none in seeded runs).
@@ -1117,6 +1147,10 @@ impl World {
         let Some(node) = self.slot_mut(id).node.take() else {
             return;
         };
+        if !self.slot(id).lazy.is_empty() {
+            tr!(self, id, "lazy records lost: {}", self.slot(id).lazy.len());
+        }
+        self.slot_mut(id).lazy.clear();
         tr!(
             self,
             id,

@@ -486,3 +486,36 @@ fn two_coordinators_conflict_on_one_row() {
     assert_eq!(rows, vec![None; 3]);
     insta::assert_snapshot!(story(&r));
 }
+
+/// The coordinator crashes right after telling its client `Committed`: its
+/// `decided` record was only a lazy record (no fsync on the commit's path),
+/// not yet written, and is lost. It restarts 1 s later with the
+/// transaction committed in its database and its durable acceptance of
+/// ballot zero only: nothing is in doubt, no resolver runs, and every node
+/// holds the row. The client's acknowledgement stays true.
+#[test]
+fn coordinator_crashes_before_its_decision_is_written() {
+    let mut w = world();
+    // Past the hold on answers after boot, so the answer follows the commits.
+    w.script_tx(2 * SEC, 1, vec![row(1, 1)]);
+    w.crash_after_output(1, 5 * SEC, Some(SEC), |o| {
+        matches!(
+            o,
+            Output::Reply {
+                outcome: mm_core::Outcome::Committed,
+                ..
+            }
+        )
+    });
+    let (r, rows) = settle(w, 1);
+    assert!(has_line(&r, "n1 lazy records lost: 1"));
+    assert!(!r
+        .trace
+        .as_ref()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains("ResolverDecided")));
+    assert_eq!((r.committed, r.aborted), (1, 0));
+    assert_eq!(rows, vec![value(1); 3]);
+    insta::assert_snapshot!(story(&r));
+}
