@@ -38,8 +38,9 @@ fn sweep_fires_every_phase_fault_pair() {
 
 /// The resolver that ignores accepted ballots aborts a transaction whose
 /// commit was already chosen. That takes a coordinator that decided commit
-/// and went down before its Decision arrived: a crash at `commit_sent` does
-/// exactly that, where the time-based schedule rarely does.
+/// and went down before its Decision arrived: a crash at `commit_sent` (its
+/// lazy decided record's write, with the Decision still in the mesh's queue
+/// or on the wire) does that, where the time-based schedule rarely does.
 #[test]
 fn crash_at_commit_sent_catches_resolver_ignoring_ballots() {
     let with = |seed, mutant, phase_faults| {

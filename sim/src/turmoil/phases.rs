@@ -22,8 +22,10 @@ pub enum Phase {
     VotedYes,
     /// A coordinator made its precommit durable and sent it; acks pending.
     Precommitted,
-    /// A coordinator decided commit (durably); COMMIT PREPARED and the
-    /// Decision to every peer follow.
+    /// A coordinator's decided-commit record is written. It is a lazy
+    /// record (`Output::Record`), so this is its next persist batch:
+    /// COMMIT PREPARED and the Decision have left, the client may have its
+    /// answer; a crash here loses the batch and whatever it allows.
     CommitSent,
     /// A resolver promised its own ballot: its query round is in flight.
     ResolverRound,
@@ -243,8 +245,7 @@ impl PhaseTap {
                 self.observe(Phase::GenAdopted, node, None)
             }
             DurableOp::Tx(gid, rec) if gid.origin == node && rec.decided == Some(true) => {
-                // The coordinator decided commit; COMMIT PREPARED and the
-                // Decision follow this write.
+                // The coordinator's (lazy) decided record reaches storage.
                 self.observe(Phase::CommitSent, node, None)
             }
             DurableOp::Tx(gid, rec) if rec.decided.is_none() => {
