@@ -1,16 +1,18 @@
 //! Three-phase commit: the coordinator (the transaction's origin) and the
 //! participants (every other member of the transaction's generation).
 //!
-//! prepare everywhere → every member votes yes → the coordinator precommits
-//! durably (ballot zero) → a majority of durable precommit acks decides
-//! commit. Any no vote, vote timeout or generation change before the
-//! precommit aborts. After the precommit only a decision (from the
-//! coordinator or a resolver) ends the transaction.
+//! prepare everywhere → every member sends its yes to every member → each
+//! member that heard every yes accepts *commit* at ballot zero durably and
+//! tells every member → whoever hears a quorum of those acceptances knows
+//! commit is chosen and commits. A no vote, or the coordinator still
+//! preparing, aborts; once the coordinator voted yes only a quorum of
+//! acceptances or a resolver ends the transaction (its votes timing out
+//! hand it to a resolver: the members may have accepted without it).
 
 use crate::durable::{DurableOp, TxRecord};
 use crate::ids::{Ballot, ClientId, Gid, NodeId, NodeSet, Time};
 use crate::messages::{Message, NodeStatus};
-use crate::node::{CoordPhase, CoordTx, InDoubt, Node};
+use crate::node::{Ballot0, CoordPhase, CoordTx, InDoubt, Node};
 use crate::{AbortReason, DbCmd, Event, Outcome, Output};
 
 impl Node {
@@ -35,9 +37,8 @@ impl Node {
                 client,
                 members: g.members,
                 phase: CoordPhase::PreparingLocally,
-                yes: NodeSet::EMPTY,
-                acks: NodeSet::EMPTY,
                 deadline: self.now + self.cfg.vote_timeout,
+                relay_at: Time(u64::MAX),
                 wait_peers,
                 committed: NodeSet::EMPTY,
                 confirm_by: Time(u64::MAX),
@@ -74,22 +75,60 @@ impl Node {
             return;
         }
         c.phase = CoordPhase::CollectingVotes;
-        c.yes.insert(self.cfg.id);
+        let members = c.members;
         self.in_doubt.insert(gid, InDoubt { since: self.now });
         self.hold(gid);
-        self.maybe_precommit(gid);
+        self.vote_yes(gid, members);
+    }
+
+    /// This member holds `gid` prepared: its yes goes to every member, and
+    /// counts here like theirs.
+    fn vote_yes(&mut self, gid: Gid, members: NodeSet) {
+        let me = self.cfg.id;
+        self.send_all(
+            members.minus(NodeSet::single(me)),
+            Message::TxVote { gid, yes: true },
+        );
+        self.note_yes(gid, me, members);
+        self.maybe_accept_ballot0(gid);
+    }
+
+    /// The members of `gid`'s generation, if this node takes part in it.
+    fn members_of(&self, gid: Gid) -> Option<NodeSet> {
+        if let Some(c) = self.coord.get(&gid) {
+            return Some(c.members);
+        }
+        if let Some(b) = self.ballot0.get(&gid) {
+            return Some(b.members);
+        }
+        let g = self.durable.gen;
+        (gid.gen == g.num && g.members.contains(self.cfg.id)).then_some(g.members)
+    }
+
+    fn ballot0_entry(&mut self, gid: Gid, members: NodeSet) -> &mut Ballot0 {
+        let now = self.now;
+        self.ballot0.entry(gid).or_insert(Ballot0 {
+            members,
+            yes: NodeSet::EMPTY,
+            acks: NodeSet::EMPTY,
+            since: now,
+        })
+    }
+
+    fn note_yes(&mut self, gid: Gid, from: NodeId, members: NodeSet) {
+        self.ballot0_entry(gid, members).yes.insert(from);
     }
 
     pub(crate) fn on_vote(&mut self, from: NodeId, gid: Gid, yes: bool) {
         let majority_mutant = self.is_mutant(crate::Mutant::CommitOnMajorityPrepares);
-        let Some(c) = self.coord.get_mut(&gid) else {
-            return;
-        };
-        if !c.members.contains(from) {
-            return;
-        }
         if !yes {
-            if !majority_mutant
+            // A no reaches the origin only; it forbids every acceptance of
+            // ballot zero (that needs every yes), so the origin aborts alone.
+            let Some(c) = self.coord.get(&gid) else {
+                return;
+            };
+            if c.members.contains(from)
+                && !majority_mutant
                 && matches!(
                     c.phase,
                     CoordPhase::PreparingLocally | CoordPhase::CollectingVotes
@@ -99,63 +138,102 @@ impl Node {
             }
             return;
         }
-        c.yes.insert(from);
-        self.maybe_precommit(gid);
+        if self.record(gid).decided.is_some() {
+            return;
+        }
+        let Some(members) = self.members_of(gid) else {
+            return;
+        };
+        if !members.contains(from) {
+            return;
+        }
+        self.note_yes(gid, from, members);
+        self.maybe_accept_ballot0(gid);
     }
 
-    fn maybe_precommit(&mut self, gid: Gid) {
-        let quorum = self.quorum(self.coord[&gid].members);
+    /// Accept *commit* at ballot zero once this member holds `gid` prepared
+    /// (its own yes is in) and has heard every member's yes. Any member may:
+    /// ballot zero only ever carries commit, and only after every yes.
+    fn maybe_accept_ballot0(&mut self, gid: Gid) {
+        let me = self.cfg.id;
         let majority_mutant = self.is_mutant(crate::Mutant::CommitOnMajorityPrepares);
-        let rec = self.record(gid);
-        let (now, resolve_after) = (self.now, self.cfg.resolve_after);
-        let c = self.coord.get_mut(&gid).expect("caller checked");
-        if c.phase != CoordPhase::CollectingVotes {
+        let Some(b) = self.ballot0.get(&gid) else {
             return;
-        }
-        let enough = if majority_mutant {
-            c.yes.len() >= quorum
-        } else {
-            c.yes == c.members
         };
-        if !enough {
+        let members = b.members;
+        let enough = if majority_mutant {
+            b.yes.len() >= self.quorum(members)
+        } else {
+            b.yes == members
+        };
+        if !b.yes.contains(me) || !enough {
             return;
         }
-        if rec.promised.is_some_and(|p| p > Ballot::COORDINATOR) || rec.decided.is_some() {
-            // A resolver got here first; its decision will reach the client.
-            c.phase = CoordPhase::AwaitingResolver;
+        let rec = self.record(gid);
+        if rec.decided.is_some() || rec.accepted.is_some() {
             return;
         }
-        c.phase = CoordPhase::PreCommitted;
-        c.deadline = now + resolve_after;
-        // Every member voted yes by now, so each has held it since before:
-        // past this, one that has not committed has stopped serving reads.
-        c.confirm_by = now + self.cfg.peer_commit_wait();
-        let members = c.members;
-        let accept = Message::Accept {
+        let outbid = rec.promised.is_some_and(|p| p > Ballot::COORDINATOR);
+        let (now, resolve_after, relay) = (
+            self.now,
+            self.cfg.resolve_after,
+            self.cfg.heartbeat_interval,
+        );
+        let wait = self.cfg.peer_commit_wait();
+        if let Some(c) = self.coord.get_mut(&gid) {
+            if c.phase != CoordPhase::CollectingVotes {
+                return;
+            }
+            if outbid {
+                // A resolver got here first; its decision will reach the client.
+                c.phase = CoordPhase::AwaitingResolver;
+                return;
+            }
+            c.phase = CoordPhase::PreCommitted;
+            c.deadline = now + resolve_after;
+            c.relay_at = now + relay;
+            // Every member voted yes by now, so each has held it since before:
+            // past this, one that has not committed has stopped serving reads.
+            c.confirm_by = now + wait;
+        } else if outbid {
+            return;
+        }
+        self.accept_ballot0(gid, members);
+    }
+
+    /// Accept *commit* at ballot zero durably, then tell every member
+    /// (this one too: its own acceptance counts like the others).
+    fn accept_ballot0(&mut self, gid: Gid, members: NodeSet) {
+        let me = self.cfg.id;
+        let mut rec = self.record(gid);
+        rec.promised = Some(Ballot::COORDINATOR);
+        rec.accepted = Some((Ballot::COORDINATOR, true));
+        let op = DurableOp::Tx(gid, rec);
+        let ack = Message::Accepted {
             gid,
             ballot: Ballot::COORDINATOR,
-            commit: true,
+            ok: true,
         };
-        // The peers' Accept goes out before the coordinator's own acceptance
-        // is persisted, so both fsyncs overlap: proposing a value needs no
-        // durable state (ballot zero is the coordinator's alone), and its own
-        // ack, counted at once, is released with everything after it only
-        // once durable (outputs are ordered: docs/protocol.md, "Output order").
-        let others = members.minus(NodeSet::single(self.cfg.id));
-        self.send_all(others, accept.clone());
+        let others = members.minus(NodeSet::single(me));
         if self.is_mutant(crate::Mutant::CountOwnAckUndurable) {
-            // Accepts in memory only, and counts that.
-            let mut rec = self.record(gid);
-            rec.promised = Some(Ballot::COORDINATOR);
-            rec.accepted = Some((Ballot::COORDINATOR, true));
-            self.durable.apply(&DurableOp::Tx(gid, rec));
-            self.on_accepted(self.cfg.id, gid, Ballot::COORDINATOR, true);
+            // Accepts in memory only, and counts and announces that.
+            self.durable.apply(&op);
+        } else if self.is_mutant(crate::Mutant::AckBeforePersist) {
+            self.send_all(others, ack.clone());
+            self.persist(op);
+            self.send(me, ack);
+            return;
+        } else if self.is_mutant(crate::Mutant::AcceptanceRecordedLazily) {
+            self.record_lazily(op);
         } else {
-            self.send(self.cfg.id, accept);
+            self.persist(op);
         }
+        self.send_all(others, ack.clone());
+        self.send(me, ack);
     }
 
-    /// Acceptor side of a ballot (the coordinator's precommit or a resolver's phase 2).
+    /// Acceptor side of a resolver's phase 2, or of the coordinator's relay
+    /// of ballot zero (it heard every yes; a member may have missed one).
     pub(crate) fn on_accept(&mut self, from: NodeId, gid: Gid, ballot: Ballot, commit: bool) {
         let mut rec = self.record(gid);
         if let Some(d) = rec.decided {
@@ -171,6 +249,30 @@ impl Node {
                     ok: false,
                 },
             );
+            return;
+        }
+        if ballot == Ballot::COORDINATOR {
+            let Some(members) = self.members_of(gid) else {
+                return;
+            };
+            if from != gid.origin || !commit || !members.contains(self.cfg.id) {
+                return;
+            }
+            if rec.accepted == Some((Ballot::COORDINATOR, true)) {
+                // Accepted already; the relay means our word was not heard.
+                let others = members.minus(NodeSet::single(self.cfg.id));
+                self.send_all(
+                    others,
+                    Message::Accepted {
+                        gid,
+                        ballot,
+                        ok: true,
+                    },
+                );
+                return;
+            }
+            self.ballot0_entry(gid, members).yes = members;
+            self.accept_ballot0(gid, members);
             return;
         }
         rec.promised = Some(ballot);
@@ -198,26 +300,39 @@ impl Node {
             self.on_resolver_accepted(from, gid, ballot, ok);
             return;
         }
-        let quorum = self.coord.get(&gid).map(|c| self.quorum(c.members));
-        let Some(c) = self.coord.get_mut(&gid) else {
-            return;
-        };
-        if c.phase != CoordPhase::PreCommitted || !ok {
+        if !ok || self.record(gid).decided.is_some() {
             return;
         }
-        c.acks.insert(from);
-        if c.acks.len() >= quorum.unwrap_or(usize::MAX) {
-            self.decide(gid, true);
+        let Some(members) = self.members_of(gid) else {
+            return;
+        };
+        if !members.contains(from) {
+            return;
+        }
+        let quorum = self.quorum(members);
+        let b = self.ballot0_entry(gid, members);
+        b.acks.insert(from);
+        if b.acks.len() >= quorum {
+            // Chosen at ballot zero; every member hears the same acceptances,
+            // so nobody needs to be told.
+            self.decide_to(gid, true, NodeSet::EMPTY);
         }
     }
 
-    /// Record a final outcome durably, tell the members, and finish it locally.
+    /// Record a final outcome, tell the members, and finish it locally.
     pub(crate) fn decide(&mut self, gid: Gid, commit: bool) {
+        let others = self.cfg.all_nodes().minus(NodeSet::single(self.cfg.id));
+        self.decide_to(gid, commit, others);
+    }
+
+    /// [`Self::decide`], telling only `to`.
+    pub(crate) fn decide_to(&mut self, gid: Gid, commit: bool, to: NodeSet) {
         let mut rec = self.record(gid);
         if rec.decided.is_some() {
             return;
         }
         rec.decided = Some(commit);
+        self.ballot0.remove(&gid);
         // A decision reached here is chosen (a majority durably accepted
         // it), so acting on it needs no record of it: the members finish and
         // learn it before `decided` is durable, and the record is written
@@ -225,8 +340,7 @@ impl Node {
         // COMMIT PREPAREDs for the disk). Lost in a crash, it is re-learnt
         // from the acceptors by a resolver.
         self.finish_locally(gid, commit);
-        let others = self.cfg.all_nodes().minus(NodeSet::single(self.cfg.id));
-        self.send_all(others, Message::Decision { gid, commit });
+        self.send_all(to, Message::Decision { gid, commit });
         self.record_lazily(DurableOp::Tx(gid, rec));
     }
 
@@ -244,6 +358,7 @@ impl Node {
             return;
         }
         rec.decided = Some(commit);
+        self.ballot0.remove(&gid);
         // Chosen already (see `decide`): finish at once, record lazily.
         self.finish_locally(gid, commit);
         self.record_lazily(DurableOp::Tx(gid, rec));
@@ -370,6 +485,7 @@ impl Node {
         rec.decided = Some(false);
         self.persist(DurableOp::Tx(gid, rec));
         self.coord.remove(&gid);
+        self.ballot0.remove(&gid);
         self.in_doubt.remove(&gid);
         self.holds.remove(&gid);
         self.resolving.remove(&gid);
@@ -396,7 +512,26 @@ impl Node {
             .map(|(g, _)| *g)
             .collect();
         for gid in doomed {
+            self.coordinator_stop(gid, reason);
+        }
+    }
+
+    /// The coordinator gives up waiting for `gid`'s votes: before its own
+    /// yes it aborts alone; after it, a member may have heard every yes and
+    /// accepted ballot zero, so a resolver settles it.
+    fn coordinator_stop(&mut self, gid: Gid, reason: AbortReason) {
+        let alone = self.is_mutant(crate::Mutant::CoordinatorAbortsAlone);
+        let Some(c) = self.coord.get_mut(&gid) else {
+            return;
+        };
+        if c.phase == CoordPhase::PreparingLocally || alone {
             self.coordinator_abort(gid, reason);
+            return;
+        }
+        c.phase = CoordPhase::AwaitingResolver;
+        self.event(Event::CoordinatorResolving { gid, reason });
+        if !self.resolving.contains_key(&gid) {
+            self.start_resolver(gid);
         }
     }
 
@@ -418,7 +553,8 @@ impl Node {
                 c.phase,
                 CoordPhase::PreparingLocally | CoordPhase::CollectingVotes
             );
-            if collecting && c.members.contains(from) && !c.yes.contains(from) {
+            let heard = self.ballot0.get(&gid).is_some_and(|b| b.yes.contains(from));
+            if collecting && c.members.contains(from) && !heard {
                 c.deadline = c.deadline.max(now + wait);
             }
         } else if from == gid.origin && !self.resolving.contains_key(&gid) {
@@ -437,7 +573,8 @@ impl Node {
         for (gid, c) in self.coord.iter_mut() {
             if c.phase == CoordPhase::CollectingVotes && now.saturating_sub(c.nudged) >= every {
                 c.nudged = now;
-                due.push((*gid, c.yes.minus(NodeSet::single(self.cfg.id))));
+                let yes = self.ballot0.get(gid).map_or(NodeSet::EMPTY, |b| b.yes);
+                due.push((*gid, yes.minus(NodeSet::single(self.cfg.id))));
             }
         }
         for (gid, voters) in due {
@@ -470,9 +607,49 @@ impl Node {
             .collect();
         for gid in expired {
             if self.coord[&gid].phase == CoordPhase::CollectingVotes {
-                self.coordinator_abort(gid, AbortReason::VoteTimeout);
+                self.coordinator_stop(gid, AbortReason::VoteTimeout);
             }
         }
+        self.relay_ballot0();
+        self.forget_stale_votes();
+    }
+
+    /// Coordinator: send ballot zero's `Accept` to the members whose
+    /// acceptance it has not heard, every heartbeat interval after its own.
+    /// A member that missed another's yes accepts on the coordinator's word
+    /// (it sends ballot zero only once it heard every yes).
+    fn relay_ballot0(&mut self) {
+        let (now, every) = (self.now, self.cfg.heartbeat_interval);
+        let me = self.cfg.id;
+        let mut due = Vec::new();
+        for (gid, c) in self.coord.iter_mut() {
+            if c.phase == CoordPhase::PreCommitted && now >= c.relay_at {
+                c.relay_at = now + every;
+                let acks = self.ballot0.get(gid).map_or(NodeSet::EMPTY, |b| b.acks);
+                due.push((*gid, c.members.minus(acks).minus(NodeSet::single(me))));
+            }
+        }
+        for (gid, to) in due {
+            let accept = Message::Accept {
+                gid,
+                ballot: Ballot::COORDINATOR,
+                commit: true,
+            };
+            self.send_all(to, accept);
+        }
+    }
+
+    /// Votes and acceptances heard for transactions this node never came to
+    /// hold (it voted no, or never received it) are dropped after a while.
+    fn forget_stale_votes(&mut self) {
+        let (now, after) = (self.now, Time(self.cfg.resolve_after.0 * 2));
+        let (coord, in_doubt, applying) = (&self.coord, &self.in_doubt, &self.applying);
+        self.ballot0.retain(|gid, b| {
+            coord.contains_key(gid)
+                || in_doubt.contains_key(gid)
+                || applying.contains_key(gid)
+                || now.saturating_sub(b.since) < after
+        });
     }
 
     /// Whether this node may vote yes on `gid` now.
@@ -528,7 +705,8 @@ impl Node {
         if ok && self.may_vote_yes(gid) {
             self.in_doubt.insert(gid, InDoubt { since: self.now });
             self.hold(gid);
-            self.send(gid.origin, Message::TxVote { gid, yes: true });
+            let members = self.durable.gen.members;
+            self.vote_yes(gid, members);
         } else {
             if ok {
                 self.db(DbCmd::RollbackPrepared { gid });

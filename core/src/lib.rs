@@ -276,6 +276,13 @@ pub enum Event {
         gid: Gid,
         reason: AbortReason,
     },
+    /// The coordinator's votes timed out, or its generation changed, after
+    /// its own yes: the members may have accepted ballot zero on their own,
+    /// so it cannot abort alone and hands the transaction to a resolver.
+    CoordinatorResolving {
+        gid: Gid,
+        reason: AbortReason,
+    },
     ResolverStarted {
         gid: Gid,
         ballot: Ballot,

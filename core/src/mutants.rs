@@ -22,18 +22,21 @@ pub enum Mutant {
     /// for the members' `Committed` (or the read lease) when the client asked
     /// for visibility everywhere.
     ReplyBeforePeerCommits,
-    /// The coordinator counts its own precommit acceptance toward the
-    /// majority without making it durable (its peers' Accept already goes
-    /// out before that persist; the count must not).
+    /// A member counts (and announces) its own acceptance of ballot zero
+    /// without making it durable.
     CountOwnAckUndurable,
     /// An acceptor writes its acceptance as a lazy record (`Output::Record`,
     /// which later outputs do not wait for) instead of a `Persist`, so its
     /// `Accepted` leaves before the acceptance is durable.
     AcceptanceRecordedLazily,
+    /// The coordinator aborts alone when its votes time out (or its
+    /// generation changes) after its own yes, as if it alone could still
+    /// choose: the members may have heard every yes and accepted ballot zero.
+    CoordinatorAbortsAlone,
 }
 
 impl Mutant {
-    pub const ALL: [Mutant; 8] = [
+    pub const ALL: [Mutant; 9] = [
         Mutant::CommitOnMajorityPrepares,
         Mutant::AckBeforePersist,
         Mutant::ResolverIgnoresBallots,
@@ -42,6 +45,7 @@ impl Mutant {
         Mutant::ReplyBeforePeerCommits,
         Mutant::CountOwnAckUndurable,
         Mutant::AcceptanceRecordedLazily,
+        Mutant::CoordinatorAbortsAlone,
     ];
 
     pub fn name(self) -> &'static str {
@@ -54,6 +58,7 @@ impl Mutant {
             Mutant::ReplyBeforePeerCommits => "reply_before_peer_commits",
             Mutant::CountOwnAckUndurable => "count_own_ack_undurable",
             Mutant::AcceptanceRecordedLazily => "acceptance_recorded_lazily",
+            Mutant::CoordinatorAbortsAlone => "coordinator_aborts_alone",
         }
     }
 }

@@ -15,10 +15,12 @@ pub enum CoordPhase {
     PreparingLocally,
     /// Prepared here; waiting for every member's vote.
     CollectingVotes,
-    /// Precommit durable here; waiting for a majority of durable acks.
+    /// Every vote heard and its own acceptance of ballot zero made durable;
+    /// waiting to hear a quorum of acceptances.
     PreCommitted,
-    /// A resolver took the transaction over (promised a higher ballot here);
-    /// the client waits for its decision.
+    /// A resolver took the transaction over (promised a higher ballot here,
+    /// or this coordinator started one: its votes timed out or its
+    /// generation changed after its own yes); the client waits for the decision.
     AwaitingResolver,
     /// Decided commit; `COMMIT PREPARED` issued locally.
     Committing,
@@ -29,9 +31,10 @@ pub(crate) struct CoordTx {
     pub client: ClientId,
     pub members: NodeSet,
     pub phase: CoordPhase,
-    pub yes: NodeSet,
-    pub acks: NodeSet,
     pub deadline: Time,
+    /// When to send ballot zero's `Accept` to the members whose acceptance
+    /// has not been heard (a vote lost between two participants).
+    pub relay_at: Time,
     /// Answer only once every member committed (or the wait ran out).
     pub wait_peers: bool,
     /// Members whose `COMMIT PREPARED` finished (this node included).
@@ -42,6 +45,24 @@ pub(crate) struct CoordTx {
     /// When the members that voted yes last heard "still collecting" (they
     /// would otherwise start resolving it).
     pub nudged: Time,
+}
+
+/// Ballot zero of one transaction as this member sees it. Every member
+/// sends its yes to every member; one that holds the transaction prepared
+/// and has heard every yes accepts *commit* at ballot zero durably and says
+/// so to every member; whoever hears a quorum of those acceptances knows
+/// the outcome (docs/protocol.md §7).
+#[derive(Clone, Debug)]
+pub(crate) struct Ballot0 {
+    /// The members of the transaction's generation.
+    pub members: NodeSet,
+    /// Members whose yes was heard (this node included once it voted).
+    pub yes: NodeSet,
+    /// Members whose durable acceptance of ballot zero was heard.
+    pub acks: NodeSet,
+    /// When this node first heard of it (an entry for a transaction it never
+    /// holds is forgotten after a while).
+    pub since: Time,
 }
 
 /// A transaction prepared in the local database whose outcome is not known here.
@@ -120,6 +141,7 @@ pub struct Node {
     // commit
     pub(crate) seq: u32,
     pub(crate) coord: BTreeMap<Gid, CoordTx>,
+    pub(crate) ballot0: BTreeMap<Gid, Ballot0>,
     pub(crate) in_doubt: BTreeMap<Gid, InDoubt>,
     /// Remote transactions handed to the database for apply-and-prepare.
     pub(crate) applying: BTreeMap<Gid, Time>,
@@ -204,6 +226,7 @@ impl Node {
             highest_promise_seen: 0,
             seq: 0,
             coord: BTreeMap::new(),
+            ballot0: BTreeMap::new(),
             in_doubt: BTreeMap::new(),
             applying: BTreeMap::new(),
             finishing: Default::default(),

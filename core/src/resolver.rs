@@ -44,7 +44,7 @@ impl Node {
         }
     }
 
-    fn start_resolver(&mut self, gid: Gid) {
+    pub(crate) fn start_resolver(&mut self, gid: Gid) {
         self.max_round += 1;
         let ballot = Ballot {
             round: self.max_round,

@@ -293,10 +293,14 @@ fn a_no_vote_aborts_everywhere() {
 fn coordinator_crash_after_its_precommit_alone_is_resolved_to_abort() {
     let mut c = warm(3);
     c.crash_after_precommit = Some(1);
-    // The coordinator's precommit is lost on the wire (it leaves before the
-    // coordinator's own acceptance is persisted), then it persists that
-    // acceptance and dies.
-    c.drop = Some(|e| e.from == 1 && matches!(e.msg, Message::Accept { .. }));
+    // The participants' votes to each other are lost, so only the
+    // coordinator hears every yes; its acceptance of ballot zero (and its
+    // relay of it) never leave, and it dies once that acceptance is durable.
+    c.drop = Some(|e| {
+        let between_participants = e.from != 1 && e.to != 1;
+        (between_participants && matches!(e.msg, Message::TxVote { .. }))
+            || (e.from == 1 && matches!(e.msg, Message::Accept { .. } | Message::Accepted { .. }))
+    });
     c.input(
         1,
         Input::CommitRequest {
@@ -307,7 +311,7 @@ fn coordinator_crash_after_its_precommit_alone_is_resolved_to_abort() {
     c.settle();
     assert!(c.nodes[1].is_none());
     c.run_for(8000);
-    // Nodes 2 and 3 had prepared but saw no precommit: a majority without
+    // Nodes 2 and 3 had prepared but accepted nothing: a majority without
     // node 1 holds no accepted ballot, so the resolver aborts.
     for i in 2..=3 {
         assert!(
@@ -318,7 +322,7 @@ fn coordinator_crash_after_its_precommit_alone_is_resolved_to_abort() {
     }
     c.restart(1);
     c.run_for(8000);
-    // The coordinator's own precommit alone is no majority: abort everywhere.
+    // The coordinator's own acceptance alone is no majority: abort everywhere.
     for i in 1..=3 {
         assert!(c.prepared[i].is_empty(), "node {i}");
         assert!(c.committed[i].is_empty(), "node {i}");
@@ -332,12 +336,18 @@ fn coordinator_crash_after_its_precommit_alone_is_resolved_to_abort() {
 #[test]
 fn resolver_commits_when_a_majority_precommitted() {
     let mut c = warm(3);
-    // Precommit reaches node 2 (a majority with node 1) but not node 3, and
-    // node 1's decisions are lost; then node 1 dies.
+    // Nodes 1 and 2 hear every yes and accept ballot zero (a majority); node
+    // 3 misses node 2's yes, hears no acceptance and no relay, and node 2
+    // does not hear node 1's acceptance: only node 1 learns the commit, and
+    // then it dies.
     c.drop = Some(|e| {
-        e.from == 1
-            && (matches!(e.msg, Message::Decision { .. })
-                || (e.to == 3 && matches!(e.msg, Message::Accept { .. })))
+        (e.from == 2 && e.to == 3 && matches!(e.msg, Message::TxVote { .. }))
+            || (e.to == 3 && matches!(e.msg, Message::Accepted { .. }))
+            || (e.from == 1
+                && matches!(
+                    e.msg,
+                    Message::Accepted { .. } | Message::Accept { .. } | Message::Decision { .. }
+                ))
     });
     assert_eq!(c.commit(1, 7), Some(Outcome::Committed));
     c.crash(1);

@@ -429,6 +429,9 @@ fn log_event(node: NodeId, e: &Event) {
         Event::CatchupCompleted { donor, upto_gen } => {
             tracing::info!(node, donor, ?upto_gen, "catch-up completed")
         }
+        Event::CoordinatorResolving { gid, reason } => {
+            tracing::info!(node, %gid, ?reason, "votes incomplete after this node's yes: a resolver settles the transaction")
+        }
         Event::ResolverDecided { gid, commit, rule } => {
             tracing::info!(node, %gid, commit, ?rule, "in-doubt transaction resolved")
         }

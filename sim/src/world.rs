@@ -1032,7 +1032,8 @@ impl World {
             Event::CatchupCompleted {
                 upto_gen: Some(_), ..
             } => self.coverage.hit(Path::CatchupCompleted),
-            Event::CoordinatorAborted { reason, .. } => match reason {
+            Event::CoordinatorAborted { reason, .. }
+            | Event::CoordinatorResolving { reason, .. } => match reason {
                 AbortReason::VoteTimeout => self.coverage.hit(Path::VotesLost),
                 AbortReason::VoteNo => self.coverage.hit(Path::VoteNo),
                 AbortReason::GenerationChanged => self.coverage.hit(Path::GenerationChangeAbort),

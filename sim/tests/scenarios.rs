@@ -37,14 +37,6 @@ fn row(id: u64, info: u64) -> Write {
 
 // ---- output predicates ----
 
-/// The coordinator's precommit (`Accept` at ballot zero) leaves for `to`.
-fn sends_precommit_to(to: NodeId) -> impl Fn(&Output) -> bool {
-    move |o| {
-        matches!(o, Output::Send { to: t, msg: Message::Accept { ballot, commit: true, .. } }
-            if *t == to && *ballot == Ballot::COORDINATOR)
-    }
-}
-
 fn sends_yes_vote(o: &Output) -> bool {
     matches!(
         o,
@@ -55,8 +47,8 @@ fn sends_yes_vote(o: &Output) -> bool {
     )
 }
 
-fn sends_commit_decision_to(to: NodeId) -> impl Fn(&Output) -> bool {
-    move |o| matches!(o, Output::Send { to: t, msg: Message::Decision { commit: true, .. } } if *t == to)
+fn sends_yes_vote_to(to: NodeId) -> impl Fn(&Output) -> bool {
+    move |o| matches!(o, Output::Send { to: t, msg: Message::TxVote { yes: true, .. } } if *t == to)
 }
 
 // ---- trace filtering ----
@@ -182,33 +174,34 @@ fn sent(r: &SeedReport, from: NodeId, to: NodeId, msg: &Message) -> bool {
     has_line(r, &needle)
 }
 
-/// The coordinator crashes as its precommit leaves for n2 only: n2 accepts
-/// ballot zero, n3 never hears of it, and the coordinator's own acceptance
-/// (persisted after the peers' `Accept` are sent) never became durable. The
-/// survivors' resolver (quorum {2,3}) finds n2's acceptance and must commit
-/// (rule `HighestAccepted`): it cannot know that no majority accepted. The
-/// coordinator returns with nothing accepted, learns the commit and catches up.
+/// The coordinator crashes as its yes vote leaves for n2 only: n2 hears
+/// every yes and accepts ballot zero, n3 misses the coordinator's yes and
+/// accepts nothing (n2's acceptance alone is no quorum). The survivors'
+/// resolver (quorum {2,3}) finds n2's acceptance and must commit (rule
+/// `HighestAccepted`): it cannot know that no majority accepted. The
+/// coordinator returns with the transaction prepared, learns the commit and
+/// catches up.
 #[test]
-fn coordinator_crashes_while_its_precommit_leaves() {
+fn coordinator_crashes_while_its_vote_leaves() {
     let mut w = world();
     w.script_tx(WARM, 1, vec![row(1, 1)]);
-    w.crash_after_output(1, 5 * SEC, None, sends_precommit_to(2));
+    w.crash_after_output(1, 5 * SEC, None, sends_yes_vote_to(2));
     let (r, rows) = settle(w, 1);
     let g = gid(1, 0, 1, 1);
     assert!(has_line(&r, "n1 CRASH mid-batch"));
     assert!(
-        !has_line(&r, "n1 -> n3 Accept"),
-        "n3 never got the precommit"
+        !has_line(&r, "n1 -> n3 TxVote"),
+        "n3 never got the coordinator's yes"
     );
-    assert!(emitted(
+    assert!([2, 3].iter().any(|&n| emitted(
         &r,
-        2,
+        n,
         &Event::ResolverDecided {
             gid: g,
             commit: true,
             rule: ResolveRule::HighestAccepted
         }
-    ));
+    )));
     assert!(emitted(
         &r,
         1,
@@ -222,27 +215,28 @@ fn coordinator_crashes_while_its_precommit_leaves() {
     insta::assert_snapshot!(story(&r));
 }
 
-/// The coordinator crashes right after its precommit reached the wire: both
-/// participants accept ballot zero, their acks find it down, and the
-/// majority's resolver sees the accepted precommit and commits it (rule
-/// `HighestAccepted`). The coordinator returns, learns the commit and
-/// catches up.
+/// The coordinator crashes right after its yes vote reached both
+/// participants: each hears every yes, accepts ballot zero and hears the
+/// other's acceptance, a quorum, so both commit with no coordinator and no
+/// resolver. The coordinator returns with the transaction prepared, its
+/// resolver learns the commit (`AlreadyDecided`) and it catches up.
 #[test]
-fn coordinator_crashes_after_precommit() {
+fn coordinator_crashes_after_its_vote() {
     let mut w = world();
     w.script_tx(WARM, 1, vec![row(1, 1)]);
-    w.crash_after_output(1, 5 * SEC, None, sends_precommit_to(3));
+    w.crash_after_output(1, 5 * SEC, None, sends_yes_vote_to(3));
     let (r, rows) = settle(w, 1);
     let g = gid(1, 0, 1, 1);
-    assert!(emitted(
-        &r,
-        2,
-        &Event::ResolverDecided {
-            gid: g,
-            commit: true,
-            rule: ResolveRule::HighestAccepted
-        }
-    ));
+    for n in [2, 3] {
+        assert!(
+            !r.trace
+                .as_ref()
+                .unwrap()
+                .iter()
+                .any(|l| l.contains(&format!(" n{n} event ResolverDecided"))),
+            "n{n} learnt the commit from the acceptances"
+        );
+    }
     assert!(emitted(
         &r,
         1,
@@ -252,21 +246,15 @@ fn coordinator_crashes_after_precommit() {
             rule: ResolveRule::AlreadyDecided
         }
     ));
-    assert!(emitted(
-        &r,
-        1,
-        &Event::CatchupCompleted {
-            donor: 2,
-            upto_gen: Some(3)
-        }
-    ));
     assert_eq!(rows, vec![value(1); 3]);
     insta::assert_snapshot!(story(&r));
 }
 
-/// A participant crashes right after its yes vote leaves: the coordinator
-/// precommits with the other participant and commits on a quorum of two;
-/// the client is told `Committed`. The participant restarts 1 s later with
+/// A participant crashes right after its yes vote leaves for the
+/// coordinator: the coordinator hears every yes and accepts ballot zero; the
+/// other participant missed the crashed one's yes and accepts only when the
+/// coordinator relays ballot zero to it, a quorum of two; the client is told
+/// `Committed`. The participant restarts 1 s later with
 /// the transaction prepared, its resolver learns the commit
 /// (`AlreadyDecided`); back within the heartbeat timeout, it never left
 /// generation 1, so there is no campaign and no catch-up.
@@ -297,10 +285,12 @@ fn participant_crashes_after_prepare() {
 }
 
 /// Partition during vote collection: a participant is cut off right after
-/// preparing, so its yes vote is lost. The coordinator aborts on the vote
-/// timeout (before the heartbeat timeout changes the generation). When the
-/// partition heals, the isolated participant's resolver learns the abort
-/// and rolls its prepared copy back.
+/// preparing, so its yes votes are lost. The coordinator's votes time out
+/// (before the heartbeat timeout changes the generation) after its own yes:
+/// it cannot abort alone (a member might have heard every yes), so its
+/// resolver runs; the quorum {1,2} accepted nothing and it aborts
+/// (`NothingAccepted`). When the partition heals, the isolated
+/// participant's resolver learns the abort and rolls its prepared copy back.
 #[test]
 fn partition_during_vote_collection() {
     let mut w = world();
@@ -312,9 +302,18 @@ fn partition_during_vote_collection() {
     assert!(emitted(
         &r,
         1,
-        &Event::CoordinatorAborted {
+        &Event::CoordinatorResolving {
             gid: g,
             reason: AbortReason::VoteTimeout
+        }
+    ));
+    assert!(emitted(
+        &r,
+        1,
+        &Event::ResolverDecided {
+            gid: g,
+            commit: false,
+            rule: ResolveRule::NothingAccepted
         }
     ));
     assert!(emitted(
@@ -331,37 +330,36 @@ fn partition_during_vote_collection() {
     insta::assert_snapshot!(story(&r));
 }
 
-/// Partition after precommit, before the acks: the moment the precommit
-/// leaves, the links back to the coordinator are cut, so both participants
-/// accept but their acks are dropped. The participants form a generation
-/// without the coordinator and their resolver commits the accepted
-/// precommit (`HighestAccepted`). After the heal the coordinator's own
-/// resolver learns the commit and the waiting client is told `Committed`.
+/// Partition once the coordinator's yes is out: the links back to the
+/// coordinator are cut, so it hears neither the votes nor the acceptances.
+/// The participants hear every yes, accept ballot zero, hear each other's
+/// acceptance and commit on their own. The coordinator's votes time out: it
+/// hands the transaction to its resolver, which learns the commit once the
+/// links heal (`AlreadyDecided`), and the waiting client is told `Committed`.
 #[test]
-fn partition_after_precommit_before_acks() {
+fn partition_after_the_votes_leave() {
     let mut w = world();
     w.script_tx(WARM, 1, vec![row(1, 1)]);
     w.on_output(
         1,
-        sends_precommit_to(3),
+        sends_yes_vote_to(3),
         FaultAction::OneWay { from: 2, to: 1 },
     );
     w.on_output(
         1,
-        sends_precommit_to(3),
+        sends_yes_vote_to(3),
         FaultAction::OneWay { from: 3, to: 1 },
     );
     w.inject(5 * SEC, FaultAction::HealLinks);
     let (r, rows) = settle(w, 1);
     let g = gid(1, 0, 1, 1);
-    assert!(has_line(&r, "n2 -> n1 Accepted dropped"));
+    assert!(has_line(&r, "n2 -> n1 Accepted"));
     assert!(emitted(
         &r,
-        2,
-        &Event::ResolverDecided {
+        1,
+        &Event::CoordinatorResolving {
             gid: g,
-            commit: true,
-            rule: ResolveRule::HighestAccepted
+            reason: AbortReason::VoteTimeout
         }
     ));
     assert!(emitted(
@@ -378,24 +376,26 @@ fn partition_after_precommit_before_acks() {
     insta::assert_snapshot!(story(&r));
 }
 
-/// Partition during commit-decision delivery: the coordinator has decided
-/// commit (quorum of acks) and a participant is cut off between the two
-/// `Decision` sends, so it stays in doubt with an accepted precommit. The
-/// rest form a generation without it; after the heal its resolver learns
-/// the commit (`AlreadyDecided`) and it catches up.
+/// Partition while the acceptances travel: n3, the last to vote, accepts
+/// ballot zero, and is cut off as n1's acceptance leaves for it: it hears
+/// no other acceptance and stays in doubt with ballot zero accepted, while
+/// n1 and n2 learn the commit from each other's acceptances. The rest form a generation without n3; after the
+/// heal its resolver learns the commit (`AlreadyDecided`) and it catches up.
 #[test]
-fn partition_during_decision_delivery() {
+fn partition_while_acceptances_travel() {
     let mut w = world();
     w.script_tx(WARM, 1, vec![row(1, 1)]);
     w.on_output(
         1,
-        sends_commit_decision_to(2),
+        |o| {
+            matches!(o, Output::Send { to: 3, msg: Message::Accepted { ballot, ok: true, .. } }
+                if *ballot == Ballot::COORDINATOR)
+        },
         FaultAction::Isolate { node: 3 },
     );
     w.inject(5 * SEC, FaultAction::HealLinks);
     let (r, rows) = settle(w, 1);
     let g = gid(1, 0, 1, 1);
-    assert!(has_line(&r, "n1 -> n3 Decision dropped"));
     assert!(emitted(
         &r,
         3,

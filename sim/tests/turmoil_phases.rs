@@ -36,13 +36,11 @@ fn sweep_fires_every_phase_fault_pair() {
     assert!(missing.is_empty(), "pairs never fired: {missing:?}");
 }
 
-/// The resolver that ignores accepted ballots aborts a transaction whose
-/// commit was already chosen. That takes a coordinator that decided commit
-/// and went down before its Decision arrived: a crash at `commit_sent` (its
-/// lazy decided record's write, with the Decision still in the mesh's queue
-/// or on the wire) does that, where the time-based schedule rarely does.
-#[test]
-fn crash_at_commit_sent_catches_resolver_ignoring_ballots() {
+/// Whether `target`, forced on 20 seeds of 3 nodes, catches `mutant` with
+/// an atomicity or durability violation that is the target's and the
+/// mutant's: the correct core passes the same run, and the mutant passes
+/// the same seed without the target.
+fn target_catches(mutant: Mutant, target: PhaseFaults, phase: (Phase, PhaseFault)) {
     let with = |seed, mutant, phase_faults| {
         run_turmoil(&TurmoilOptions {
             mutant,
@@ -50,15 +48,15 @@ fn crash_at_commit_sent_catches_resolver_ignoring_ballots() {
             ..TurmoilOptions::new(seed, 3)
         })
     };
-    let target = PhaseFaults::Forced(Phase::CommitSent, PhaseFault::Crash);
-    let m = Some(Mutant::ResolverIgnoresBallots);
+    let m = Some(mutant);
     let caught: Vec<TurmoilReport> = (0..20)
         .map(|seed| with(seed, m, target))
         .filter(|r| !r.ok())
         .collect();
     assert!(
         !caught.is_empty(),
-        "resolver_ignores_ballots not caught by commit_sent:crash in 20 seeds"
+        "{} not caught by {target} in 20 seeds",
+        mutant.name()
     );
     for r in &caught {
         eprintln!(
@@ -76,16 +74,47 @@ fn crash_at_commit_sent_catches_resolver_ignoring_ballots() {
             r.violations
         );
     }
-    let r = &caught[0];
-    assert_eq!(r.phase_hits, vec![(Phase::CommitSent, PhaseFault::Crash)]);
-    // The catch is the mutant's: the correct core passes the same run...
+    let r = caught
+        .iter()
+        .find(|r| with(r.seed, m, PhaseFaults::Off).ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "every catch of {} happens without {target} too",
+                mutant.name()
+            )
+        });
+    assert_eq!(r.phase_hits, vec![phase]);
     let clean = with(r.seed, None, target);
     assert!(clean.ok(), "{}", clean.failure());
-    // ...and the target's: without it the mutant goes unnoticed on this seed.
-    assert!(
-        with(r.seed, m, PhaseFaults::Off).ok(),
-        "seed {}: caught without the target too",
-        r.seed
+}
+
+/// The resolver that ignores accepted ballots aborts a transaction whose
+/// commit was already chosen. That takes a member that learnt the commit
+/// while the others hold only acceptances: cutting the coordinator off from
+/// everyone as its (lazy) decided record is written, `commit_sent`, leaves
+/// the other members to resolve what it learnt, where the time-based
+/// schedule rarely does.
+#[test]
+fn partition_at_commit_sent_catches_resolver_ignoring_ballots() {
+    let target = PhaseFaults::Forced(Phase::CommitSent, PhaseFault::PartitionAll);
+    target_catches(
+        Mutant::ResolverIgnoresBallots,
+        target,
+        (Phase::CommitSent, PhaseFault::PartitionAll),
+    );
+}
+
+/// A coordinator that aborts alone when its votes time out after its own
+/// yes rolls back what the members committed among themselves: cutting a
+/// participant off from the coordinator as it applies (`voted_yes`) loses
+/// its yes to the coordinator only, while the other members hear every yes.
+#[test]
+fn partition_at_voted_yes_catches_coordinator_aborting_alone() {
+    let target = PhaseFaults::Forced(Phase::VotedYes, PhaseFault::PartitionOne);
+    target_catches(
+        Mutant::CoordinatorAbortsAlone,
+        target,
+        (Phase::VotedYes, PhaseFault::PartitionOne),
     );
 }
 
