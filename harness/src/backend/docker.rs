@@ -419,6 +419,25 @@ impl DockerCluster {
         Ok(format!("{}{}", out.stdout, out.stderr))
     }
 
+    /// Wait until node `i`'s log holds `needle`; an error with its last
+    /// lines if its container stops first or `limit` passes.
+    async fn wait_for_log(&self, i: usize, needle: &str, limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if self.logs(i).await.is_ok_and(|l| l.contains(needle)) {
+                return Ok(());
+            }
+            if !self.is_running(i).await.unwrap_or(false) || Instant::now() >= deadline {
+                bail!(
+                    "node {} never logged {needle:?}; its last log lines:\n{}",
+                    self.nodes[i].id,
+                    self.logs_tail(i, 30).await
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
     /// The last `n` lines of [`logs`](Self::logs), or why there are none.
     pub async fn logs_tail(&self, i: usize, n: usize) -> String {
         match self.logs(i).await {
@@ -577,6 +596,11 @@ impl DockerCluster {
         self.run_container(i, &cfg, &toml, &["MM_ADD_NODE=1"])
             .await?;
         self.refresh_ports(i).await?;
+        // Its `mmctl add-node` reads and writes the other nodes' PostgreSQL
+        // (slots, prerequisites): restarting them before it is done cuts it
+        // off (57P01, seen in CI).
+        self.wait_for_log(i, "mm-entrypoint: starting mmd", limit)
+            .await?;
         let others: Vec<usize> = (0..i).filter(|&j| !self.nodes[j].dropped).collect();
         self.rolling_restart(&others, limit).await?;
         self.wait_online(limit).await?;
