@@ -36,11 +36,12 @@ fn sweep_fires_every_phase_fault_pair() {
     assert!(missing.is_empty(), "pairs never fired: {missing:?}");
 }
 
-/// Whether `target`, forced on 20 seeds of 3 nodes, catches `mutant` with
+/// Whether `phase:fault`, forced on 20 seeds of 3 nodes, catches `mutant` with
 /// an atomicity or durability violation that is the target's and the
 /// mutant's: the correct core passes the same run, and the mutant passes
 /// the same seed without the target.
-fn target_catches(mutant: Mutant, target: PhaseFaults, phase: (Phase, PhaseFault)) {
+fn target_catches(mutant: Mutant, phase: Phase, fault: PhaseFault) {
+    let target = PhaseFaults::Forced(phase, fault);
     let with = |seed, mutant, phase_faults| {
         run_turmoil(&TurmoilOptions {
             mutant,
@@ -83,7 +84,7 @@ fn target_catches(mutant: Mutant, target: PhaseFaults, phase: (Phase, PhaseFault
                 mutant.name()
             )
         });
-    assert_eq!(r.phase_hits, vec![phase]);
+    assert_eq!(r.phase_hits, vec![(phase, fault)]);
     let clean = with(r.seed, None, target);
     assert!(clean.ok(), "{}", clean.failure());
 }
@@ -96,11 +97,10 @@ fn target_catches(mutant: Mutant, target: PhaseFaults, phase: (Phase, PhaseFault
 /// schedule rarely does.
 #[test]
 fn partition_at_commit_sent_catches_resolver_ignoring_ballots() {
-    let target = PhaseFaults::Forced(Phase::CommitSent, PhaseFault::PartitionAll);
     target_catches(
         Mutant::ResolverIgnoresBallots,
-        target,
-        (Phase::CommitSent, PhaseFault::PartitionAll),
+        Phase::CommitSent,
+        PhaseFault::PartitionAll,
     );
 }
 
@@ -110,11 +110,10 @@ fn partition_at_commit_sent_catches_resolver_ignoring_ballots() {
 /// its yes to the coordinator only, while the other members hear every yes.
 #[test]
 fn partition_at_voted_yes_catches_coordinator_aborting_alone() {
-    let target = PhaseFaults::Forced(Phase::VotedYes, PhaseFault::PartitionOne);
     target_catches(
         Mutant::CoordinatorAbortsAlone,
-        target,
-        (Phase::VotedYes, PhaseFault::PartitionOne),
+        Phase::VotedYes,
+        PhaseFault::PartitionOne,
     );
 }
 
